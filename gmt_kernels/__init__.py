@@ -1,0 +1,13 @@
+"""gmt_kernels: Gradient-Mask Tuning (GMT) at the cost of a fused AdamW step.
+
+GMTAdamW is torch.optim.AdamW that, at every step, updates only the entries whose |grad| is in the
+top (1 - mask_ratio) fraction; magnitude_threshold selects that threshold over many tensors without
+concatenating them. The contract is SEMANTICS.md (see README.md).
+"""
+
+from .backends import available_backends
+from .optimizer import GMTAdamW
+from .threshold import magnitude_threshold
+
+__all__ = ["GMTAdamW", "magnitude_threshold", "available_backends"]
+__version__ = "0.1.0"

@@ -1,0 +1,148 @@
+"""The backend interface and registry: one place that says which backend serves which tensors.
+
+A backend is two functions with fixed signatures (the way torch.optim.adamw dispatches to
+_single_tensor_adamw / _multi_tensor_adamw / _fused_adamw):
+
+radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width) -> None
+    grads: tensors on one device (any float dtypes). scope_of: list[int], the scope row of each.
+    state: int64 [S, 3] (radix.PREFIX, K_REMAINING, DONE), hist: int64 [S, 2**width], on that device.
+    For every entry of grads[i] with scope s = scope_of[i], state[s, DONE] == 0 and
+    key >> (shift + width) == state[s, PREFIX] >> (shift + width), where key = radix.score_keys:
+        hist[s, (key >> shift) & (2**width - 1)] += 1
+    It must not copy the gradients (extra memory O(bins)) nor synchronise with the host.
+
+masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
+             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip)
+    -> None
+    One param group's tensors on one device with one dtype. steps: 0-d float32 tensors, already
+    incremented for this step. thresholds: [n] tensor (float32, or float64 for float64 scopes):
+    entry j of tensor i is kept iff |grads[i][j]| >= thresholds[i] or it is NaN (the comparison
+    is on the raw gradient: with grad_scale a power of two, as GradScaler's always is, this is
+    the same as scoring g / grad_scale). kept: int64 [n], += number of kept entries (0 if skip).
+    grad_scale: 0-d tensor or None (g is divided by it). skip: 0-d bool tensor or None: when
+    true, nothing at all changes. The update is SEMANTICS.md section 3 with math in float32
+    (float64 for float64 params). lr: float or 0-d tensor.
+
+Backends register themselves with `register`; `resolve` picks one per (device, dtype).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+BACKEND_NAMES = ("auto", "reference", "triton", "cpu")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # None if this backend can serve tensors of (device, dtype), else a sentence saying why not.
+    unavailable_reason: Callable[[torch.device, torch.dtype], Optional[str]]
+    radix_histogram: Callable[..., None]
+    masked_adamw: Callable[..., None]
+    priority: int = 0  # "auto" takes the available backend with the highest priority
+
+
+_REGISTRY: dict[str, Backend] = {}
+_LOADERS: dict[str, Callable[[], None]] = {}
+_warned_fallbacks: set[tuple[str, str]] = set()
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def register_loader(name: str, loader: Callable[[], None]) -> None:
+    """A backend whose import is costly or may fail registers a loader, run on first use."""
+    _LOADERS[name] = loader
+
+
+def _load(name: str) -> Optional[str]:
+    """Import backend `name` if needed; None on success, else why it could not be loaded."""
+    if name in _REGISTRY:
+        return None
+    loader = _LOADERS.get(name)
+    if loader is None:
+        return f"backend {name!r} is not part of this build of gmt_kernels"
+    try:
+        loader()
+    except Exception as exc:  # the reason is reported to the user, never swallowed
+        return f"backend {name!r} failed to load: {type(exc).__name__}: {exc}"
+    return None if name in _REGISTRY else f"backend {name!r} did not register itself"
+
+
+def check_backend_name(name: str) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"Unknown backend {name!r}. Possible values: {', '.join(map(repr, BACKEND_NAMES))}. "
+            "Use 'auto' to let gmt_kernels pick the fastest one installed for each device."
+        )
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that serves tensors of (device, dtype) when the user asked for `name`.
+
+    A named backend is used or refused with a RuntimeError that says why and what to do; "auto"
+    tries the fast backends and falls back to the reference, warning once per reason.
+    """
+    check_backend_name(name)
+    if name != "auto":
+        reason = _load(name) or _REGISTRY[name].unavailable_reason(device, dtype)
+        if reason is not None:
+            raise RuntimeError(
+                f"gmt_kernels backend {name!r} cannot serve {dtype} tensors on {device}: {reason}. "
+                f"Use backend='auto' (picks per device: {describe_auto(device, dtype)}) or "
+                "backend='reference' (pure PyTorch, any device)."
+            )
+        return _REGISTRY[name]
+    reasons = []
+    for candidate in ("triton", "cpu"):
+        reason = _load(candidate) or _REGISTRY[candidate].unavailable_reason(device, dtype)
+        if reason is None:
+            return _REGISTRY[candidate]
+        reasons.append(reason)
+    key = (f"{device.type}/{dtype}", "; ".join(reasons))
+    if key not in _warned_fallbacks:
+        _warned_fallbacks.add(key)
+        warnings.warn(
+            f"gmt_kernels: no fast backend for {dtype} tensors on {device.type} "
+            f"({'; '.join(reasons)}); using the pure-PyTorch reference backend, which is correct "
+            "but slower.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _load("reference")
+    return _REGISTRY["reference"]
+
+
+def describe_auto(device: torch.device, dtype: torch.dtype) -> str:
+    for candidate in ("triton", "cpu"):
+        if _load(candidate) is None and _REGISTRY[candidate].unavailable_reason(device, dtype) is None:
+            return candidate
+    return "reference"
+
+
+def available_backends() -> dict[str, Optional[str]]:
+    """Every backend name with None if it loaded, else the reason it did not."""
+    return {name: _load(name) for name in BACKEND_NAMES[1:]}
+
+
+def _load_reference() -> None:
+    from . import reference  # noqa: F401  (registers itself)
+
+
+def _load_triton() -> None:
+    from . import triton  # noqa: F401  (registers itself; gmt_kernels/backends/triton/)
+
+
+def _load_cpu() -> None:
+    from . import cpu  # noqa: F401  (registers itself; wraps the C++ extension gmt_kernels._C)
+
+
+register_loader("reference", _load_reference)
+register_loader("triton", _load_triton)
+register_loader("cpu", _load_cpu)

@@ -1,0 +1,96 @@
+"""The reference backend: SEMANTICS.md in plain PyTorch, one tensor at a time. The oracle for every kernel.
+
+It favours reading like the contract over speed, with one concession to the contract itself:
+gradients are histogrammed in fixed-size chunks, so selecting a threshold never holds more than
+CHUNK extra entries, whatever the model size (no concatenation, int64 indices throughout).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Backend, register
+from ..radix import DONE, PREFIX, score_keys
+
+CHUNK = 1 << 20
+
+
+def radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width):
+    hi = shift + width
+    for grad, s in zip(grads, scope_of):
+        flat = grad.reshape(-1)
+        prefix_hi = state[s, PREFIX] >> hi
+        counting = state[s, DONE] == 0
+        for start in range(0, flat.numel(), CHUNK):
+            keys = score_keys(flat[start : start + CHUNK], key_format)
+            match = counting & ((keys >> hi) == prefix_hi)
+            digit = (keys >> shift) & ((1 << width) - 1)
+            # Entries that do not match land in an extra bin that is dropped.
+            binned = torch.where(match, digit, 1 << width)
+            hist[s] += torch.bincount(binned, minlength=(1 << width) + 1)[: 1 << width]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def masked_adamw(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
+    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip,
+):
+    for i, param in enumerate(params):
+        cdt = _compute_dtype(param.dtype)
+        grad = grads[i]
+        keep = (grad.abs().to(thresholds.dtype) >= thresholds[i]) | grad.isnan()
+
+        g = grad.to(cdt)
+        if grad_scale is not None:
+            g = g / grad_scale.to(cdt)
+        if maximize:
+            g = -g
+        if mask_mode == "grad":
+            g = torch.where(keep, g, torch.zeros((), dtype=cdt, device=g.device))
+
+        p = param.to(cdt)
+        m = exp_avgs[i].to(cdt)
+        v = exp_avg_sqs[i].to(cdt)
+
+        # torch.optim.AdamW's single-tensor update, op for op, with the step read on the device.
+        step = steps[i].to(torch.float64)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2.sqrt()
+
+        p_new = p * (1 - lr * weight_decay)
+        m_new = m.lerp(g, 1 - beta1)
+        v_new = (v * beta2).addcmul(g, g, value=1 - beta2)
+        if amsgrad:
+            vmax_new = torch.maximum(max_exp_avg_sqs[i].to(cdt), v_new)
+            denom = (vmax_new.sqrt() / bias_correction2_sqrt.to(cdt)) + eps
+        else:
+            denom = (v_new.sqrt() / bias_correction2_sqrt.to(cdt)) + eps
+        p_new = p_new + (m_new * (-step_size).to(cdt)) / denom
+
+        # Which entries take the new values: all ("grad"), the kept ones ("freeze"), none (skip).
+        update = keep if mask_mode == "freeze" else torch.ones_like(keep)
+        if skip is not None:
+            update = update & ~skip
+        param.copy_(torch.where(update, p_new.to(param.dtype), param))
+        exp_avgs[i].copy_(torch.where(update, m_new.to(param.dtype), exp_avgs[i]))
+        exp_avg_sqs[i].copy_(torch.where(update, v_new.to(param.dtype), exp_avg_sqs[i]))
+        if amsgrad:
+            max_exp_avg_sqs[i].copy_(torch.where(update, vmax_new.to(param.dtype), max_exp_avg_sqs[i]))
+        counted = keep if skip is None else keep & ~skip
+        kept[i] += counted.sum()
+
+
+register(
+    Backend(
+        name="reference",
+        unavailable_reason=lambda device, dtype: None,
+        radix_histogram=radix_histogram,
+        masked_adamw=masked_adamw,
+        priority=0,
+    )
+)

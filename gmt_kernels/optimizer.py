@@ -1,0 +1,414 @@
+"""GMTAdamW: torch.optim.AdamW that updates, at every step, only the entries with the largest |grad|."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import radix
+from .backends import Backend, check_backend_name, resolve
+from .threshold import Scope, select_thresholds
+
+SCOPES = ("global", "group", "tensor")
+MASK_MODES = ("grad", "freeze")
+THRESHOLDS = ("approx", "exact")
+NONFINITE = ("skip", "raise", "propagate")
+
+
+def _check_choice(kind: str, value, choices, hint: str) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {kind} {value!r}. Possible values: {', '.join(map(repr, choices))}. {hint}")
+
+
+def _check_mask_ratio(mask_ratio) -> None:
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio <= 1.0:
+        raise ValueError(
+            f"Invalid mask_ratio value: {mask_ratio!r}. mask_ratio is the fraction of entries NOT "
+            "updated at each step, a number in [0, 1] (0 = plain AdamW, 0.99 = update 1 %)."
+        )
+
+
+def _check_adamw_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    """The checks of torch.optim.AdamW, with its messages."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (
+        (isinstance(betas[0], float) and isinstance(betas[1], float))
+        or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+    ):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+@dataclass
+class _ScopeRecord:
+    """Where one scope's numbers live after a step: row `row` of its key format's selection."""
+
+    name: str
+    fmt: radix.KeyFormat
+    row: int
+    numel: int
+
+
+@dataclass
+class _Batch:
+    """One group's tensors on one device with one dtype: a single backend call."""
+
+    group: dict
+    group_index: int
+    backend: Backend
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    states: list = field(default_factory=list)
+    scope_rows: list = field(default_factory=list)  # row per tensor, or None when unmasked
+
+
+class GMTAdamW(torch.optim.Optimizer):
+    """AdamW that updates only the entries whose |grad| is in the top (1 - mask_ratio) fraction.
+
+    Drop-in for torch.optim.AdamW: same arguments (foreach/fused/capturable aside), same state
+    layout, state_dicts load both ways. GMT arguments:
+
+    mask_ratio: fraction of entries masked (not updated) per step, in [0, 1]; per param group.
+    scope: "global" (one threshold over all masked groups), "group" or "tensor".
+    mask_mode: "grad" (zero the masked gradient entries, then AdamW) or "freeze" (masked entries
+        keep parameter and moments unchanged).
+    threshold: "approx" (within 0.5 % of N in rank, fewer passes) or "exact".
+    nonfinite: "skip" (a NaN/inf gradient makes the step a no-op, counted in skipped_steps),
+        "raise" (FloatingPointError naming the parameter), "propagate" (as torch.optim.AdamW).
+    backend: "auto", "reference", "triton" or "cpu".
+    See SEMANTICS.md for the exact contract.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        mask_ratio: float = 0.3,
+        scope: str = "global",
+        mask_mode: str = "grad",
+        threshold: str = "approx",
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        process_group=None,
+    ) -> None:
+        _check_adamw_hyperparameters(lr, betas, eps, weight_decay)
+        _check_mask_ratio(mask_ratio)
+        _check_choice("scope", scope, SCOPES, "It says which entries share one threshold.")
+        _check_choice("mask_mode", mask_mode, MASK_MODES, "See SEMANTICS.md section 3.")
+        _check_choice("threshold", threshold, THRESHOLDS, "'exact' is the k-th largest score; 'approx' is within 0.5 % in rank.")
+        _check_choice("nonfinite", nonfinite, NONFINITE, "It says what a NaN or inf gradient does to the step.")
+        check_backend_name(backend)
+        if process_group is not None:
+            raise NotImplementedError(
+                "GMTAdamW(process_group=...) is not available yet: the distributed threshold is tracked "
+                "in its own issue. Without process_group each process selects over its own gradients."
+            )
+        self.scope, self.mask_mode, self.threshold = scope, mask_mode, threshold
+        self.nonfinite, self.backend = nonfinite, backend
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, mask_ratio=mask_ratio,
+        )
+        super().__init__(params, defaults)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        self._primary = first.device if first is not None else torch.device("cpu")
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self._primary)
+        self._last_stats: dict = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                resolve(backend, p.device, p.dtype)  # a named backend that cannot serve fails now
+
+    # ---- param groups ------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_adamw_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        _check_mask_ratio(merged["mask_ratio"])
+        if self.scope == "global" and merged["mask_ratio"] > 0:
+            others = {g["mask_ratio"] for g in self.param_groups if g["mask_ratio"] > 0}
+            if others and others != {merged["mask_ratio"]}:
+                raise ValueError(
+                    f"scope='global' selects one threshold over every masked group, so they must share "
+                    f"one mask_ratio; got {sorted(others | {merged['mask_ratio']})}. Use scope='group' "
+                    "for a threshold per group, or give the groups the same mask_ratio (0 = unmasked)."
+                )
+        super().add_param_group(param_group)
+        if hasattr(self, "_primary"):
+            for p in self.param_groups[-1]["params"]:
+                resolve(self.backend, p.device, p.dtype)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved by torch.optim.AdamW lack our keys
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("mask_ratio", self.defaults["mask_ratio"])
+
+    # ---- state_dict --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        state_dict["gmt"] = {
+            "skipped_steps": self.skipped_steps.clone(),
+            "last_stats": self.mask_stats(),
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get("gmt")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "gmt"})
+        if extra is not None:
+            self.skipped_steps.copy_(extra["skipped_steps"])
+            self._last_stats = {name: dict(stats) for name, stats in extra["last_stats"].items()}
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # torch.amp.GradScaler hands these over as attributes (see _step_supports_amp_scaling).
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+
+        batches = self._gather()  # validates everything before anything changes
+        if not batches:
+            return loss
+        scopes, records = self._scopes(batches)
+        selections = {
+            fmt: select_thresholds(
+                fmt_scopes, fmt, lambda g: resolve(self.backend, g.device, g.dtype), self._primary
+            )
+            for fmt, fmt_scopes in scopes.items()
+        }
+
+        skip = None
+        if self.nonfinite != "propagate" and selections:
+            nonfinite = sum(sel.nonfinite.sum() for sel in selections.values())
+            if self.nonfinite == "raise":
+                if nonfinite.item() > 0:
+                    self._raise_nonfinite(batches)
+            else:
+                skip = nonfinite > 0
+        if found_inf is not None:
+            inf = found_inf.to(self._primary, non_blocking=True) != 0
+            skip = inf if skip is None else skip | inf
+
+        self._init_state(batches)
+        skip_on = _PerDevice(skip)
+        steps_by_device = defaultdict(list)
+        for batch in batches:
+            for state in batch.states:
+                steps_by_device[state["step"].device].append(state["step"])
+        for device, steps in steps_by_device.items():
+            torch._foreach_add_(steps, 1 if skip is None else (~skip_on[device]).to(torch.float32))
+
+        kept_by_format = {fmt: torch.zeros(len(s), dtype=torch.int64, device=self._primary) for fmt, s in scopes.items()}
+        for batch in batches:
+            self._update(batch, selections, kept_by_format, grad_scale, skip_on)
+
+        if skip is not None:
+            self.skipped_steps += skip.to(self.skipped_steps.device)
+        self._record_stats(records, selections, kept_by_format, grad_scale, skip)
+        return loss
+
+    def _gather(self) -> list[_Batch]:
+        batches: dict[tuple, _Batch] = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"GMTAdamW does not support sparse gradients (param group {gi}, parameter {pi}). "
+                        "Use dense gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam."
+                    )
+                if torch.is_complex(p) or not p.is_floating_point():
+                    raise RuntimeError(
+                        f"GMTAdamW updates real floating-point parameters; parameter {pi} of param group "
+                        f"{gi} is {p.dtype}. Use torch.view_as_real for complex parameters."
+                    )
+                backend = resolve(self.backend, p.device, p.dtype)
+                key = (gi, p.device, p.dtype)
+                batch = batches.setdefault(key, _Batch(group=group, group_index=gi, backend=backend))
+                batch.params.append(p)
+                batch.grads.append(p.grad)
+                batch.states.append((gi, pi))
+        return list(batches.values())
+
+    def _init_state(self, batches: list[_Batch]) -> None:
+        """Resolve (group, position) into state dicts, creating torch.optim.AdamW's layout on first use."""
+        for batch in batches:
+            resolved = []
+            for p, where in zip(batch.params, batch.states):
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if batch.group["amsgrad"] and "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if state["step"].device != p.device:  # torch.optim.AdamW keeps it on the CPU
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+                resolved.append(state)
+            batch.states = resolved
+
+    def _scopes(self, batches: list[_Batch]):
+        """The scopes of this step, grouped by key format, and a record of each for mask_stats."""
+        masked: dict[str, list] = defaultdict(list)  # scope name -> [(batch, index)]
+        unmasked: dict[torch.dtype, list] = defaultdict(list)
+        names = {}
+        for batch in batches:
+            gi = batch.group_index
+            ratio = batch.group["mask_ratio"]
+            for i, (gi_pi, p) in enumerate(zip(batch.states, batch.params)):
+                if ratio == 0:
+                    unmasked[p.dtype].append((batch, i))
+                    continue
+                if self.scope == "global":
+                    name = "global"
+                elif self.scope == "group":
+                    name = f"group{gi}"
+                else:
+                    pnames = batch.group.get("param_names")
+                    name = f"group{gi}.{pnames[gi_pi[1]] if pnames else gi_pi[1]}"
+                names[name] = ratio
+                masked[name].append((batch, i))
+
+        scopes: dict[radix.KeyFormat, list[Scope]] = defaultdict(list)
+        records = []
+        exact = self.threshold == "exact"
+
+        def add(name, members, ratio, record):
+            fmt = radix.key_format_for(b.params[i].dtype for b, i in members)
+            numel = sum(b.grads[i].numel() for b, i in members)
+            row = len(scopes[fmt])
+            scopes[fmt].append(
+                Scope(
+                    grads=[b.grads[i] for b, i in members],
+                    k=radix.kept_count(numel, ratio),
+                    slack=radix.rank_slack(numel, exact),
+                )
+            )
+            for b, i in members:
+                b.scope_rows.append((i, fmt, row))
+            if record:
+                records.append(_ScopeRecord(name, fmt, row, numel))
+
+        for name, members in masked.items():
+            add(name, members, names[name], True)
+        if self.nonfinite != "propagate":  # unmasked tensors are only checked for NaN / inf
+            for members in unmasked.values():
+                add("unmasked", members, 0.0, False)
+        return scopes, records
+
+    def _update(self, batch: _Batch, selections, kept_by_format, grad_scale, skip_on) -> None:
+        group, params = batch.group, batch.params
+        device, n = params[0].device, len(params)
+        fmt = radix.key_format_for([params[0].dtype])
+        rows = {i: (f, row) for i, f, row in batch.scope_rows}
+        masked = group["mask_ratio"] > 0
+        if masked:
+            fmt = rows[0][0]  # every tensor of a batch shares its scopes' key format
+            index = torch.tensor([rows[i][1] for i in range(n)], dtype=torch.int64).to(self._primary, non_blocking=True)
+            thresholds = selections[fmt].thresholds.index_select(0, index).to(device, non_blocking=True)
+        else:  # threshold 0 keeps every entry
+            thresholds = torch.zeros(n, dtype=fmt.threshold_dtype, device=device)
+        kept = torch.zeros(n, dtype=torch.int64, device=device)
+        beta1, beta2 = (float(b) if isinstance(b, Tensor) else b for b in group["betas"])
+        batch.backend.masked_adamw(
+            params,
+            batch.grads,
+            [s["exp_avg"] for s in batch.states],
+            [s["exp_avg_sq"] for s in batch.states],
+            [s["max_exp_avg_sq"] for s in batch.states] if group["amsgrad"] else [],
+            [s["step"] for s in batch.states],
+            thresholds,
+            kept,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            mask_mode=self.mask_mode,
+            grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+            skip=skip_on[device],
+        )
+        if masked:
+            kept_by_format[fmt].index_add_(0, index, kept.to(self._primary, non_blocking=True))
+
+    def _raise_nonfinite(self, batches: list[_Batch]) -> None:
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    label = f" ({names[pi]!r})" if names else ""
+                    raise FloatingPointError(
+                        f"GMTAdamW: the gradient of parameter {pi}{label} in param group {gi} has NaN or "
+                        "inf entries; nothing was changed. Find where it comes from, or construct the "
+                        "optimizer with nonfinite='skip' to skip such steps (as GradScaler does)."
+                    )
+
+    def _record_stats(self, records, selections, kept_by_format, grad_scale, skip) -> None:
+        stats = {}
+        for rec in records:
+            threshold = selections[rec.fmt].thresholds[rec.row]
+            if grad_scale is not None:
+                threshold = threshold / grad_scale.to(threshold.device)
+            stats[rec.name] = {"threshold": threshold, "kept": kept_by_format[rec.fmt][rec.row], "numel": rec.numel}
+        self._last_stats = stats
+
+    def mask_stats(self) -> dict:
+        """Per scope of the last step: {"threshold": float (in unscaled gradient units), "kept": int
+        (entries updated with their gradient; 0 for a skipped step), "numel": int}. Reading it
+        synchronises with the device; step() itself does not."""
+        return {
+            name: {k: (v.item() if isinstance(v, Tensor) else v) for k, v in s.items()}
+            for name, s in self._last_stats.items()
+        }
+
+
+class _PerDevice:
+    """A 0-d flag (or None) made available on every device that asks, copied once per device."""
+
+    def __init__(self, value: Optional[Tensor]):
+        self._copies = {} if value is None else {value.device: value}
+        self._value = value
+
+    def __getitem__(self, device: torch.device) -> Optional[Tensor]:
+        if self._value is None:
+            return None
+        if device not in self._copies:
+            self._copies[device] = self._value.to(device, non_blocking=True)
+        return self._copies[device]

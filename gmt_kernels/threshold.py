@@ -1,0 +1,132 @@
+"""Thresholds of many scopes at once: the radix-select pass loop, the same for every backend.
+
+Each pass runs one `radix_histogram` per (device, backend) over all tensors of all scopes that
+share a key format, sums the histograms on the primary device (and over `process_group`),
+and advances every scope's state with `radix.select_bins`. Launches per step therefore depend on
+the number of passes, devices and key formats, never on the number of parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import radix
+from .backends import Backend, resolve
+
+
+@dataclass
+class Scope:
+    """Entries that share one threshold. k = number to keep, slack = allowed rank error (0: exact)."""
+
+    grads: list
+    k: int
+    slack: int
+
+
+@dataclass
+class Selection:
+    thresholds: torch.Tensor  # [S] in key_format.threshold_dtype, on the primary device
+    nonfinite: torch.Tensor  # [S] int64: entries that are NaN or +-inf
+    key_format: radix.KeyFormat
+
+
+def select_thresholds(
+    scopes: Sequence[Scope],
+    key_format: radix.KeyFormat,
+    backend_for: Callable[[torch.Tensor], Backend],
+    primary: torch.device,
+    process_group=None,
+) -> Selection:
+    ks = torch.tensor([s.k for s in scopes], dtype=torch.int64)
+    slack = torch.tensor([s.slack for s in scopes], dtype=torch.int64).to(primary, non_blocking=True)
+    state = radix.initial_state(ks).to(primary, non_blocking=True)
+
+    # Work lists per (device, backend): the gradients and the state row of each one's scope.
+    work: dict[tuple[torch.device, str], tuple[Backend, list, list]] = {}
+    for row, scope in enumerate(scopes):
+        for grad in scope.grads:
+            backend = backend_for(grad)
+            entry = work.setdefault((grad.device, backend.name), (backend, [], []))
+            entry[1].append(grad)
+            entry[2].append(row)
+    local_state = {dev: state if dev == primary else state.to(dev) for dev, _ in work}
+
+    nonfinite = None
+    for pass_index, (shift, width) in enumerate(key_format.passes):
+        hist = torch.zeros(len(scopes), 1 << width, dtype=torch.int64, device=primary)
+        for (device, _), (backend, grads, rows) in work.items():
+            part = hist if device == primary else torch.zeros_like(hist, device=device)
+            backend.radix_histogram(
+                grads, rows, local_state[device], part, key_format=key_format, shift=shift, width=width
+            )
+            if part is not hist:
+                hist += part.to(primary)
+        if process_group is not None:
+            torch.distributed.all_reduce(hist, group=process_group)
+        if pass_index == 0:
+            nonfinite = hist[:, key_format.first_nonfinite_bin :].sum(-1)
+        radix.select_bins(hist, state, slack, shift)
+        for device, copy in local_state.items():
+            if copy is not state:
+                copy.copy_(state, non_blocking=True)
+
+    found = radix.keys_to_threshold(state[:, radix.PREFIX], key_format)
+    inf = torch.full_like(found, float("inf"))
+    thresholds = torch.where(ks.to(primary, non_blocking=True) == 0, inf, found)
+    return Selection(thresholds, nonfinite, key_format)
+
+
+def magnitude_threshold(
+    tensors: Sequence[torch.Tensor],
+    mask_ratio: float,
+    *,
+    exact: bool = True,
+    process_group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The GMT threshold over all entries of `tensors` (SEMANTICS.md section 2), without concatenating them.
+
+    Returns a 0-d tensor on the tensors' device: the k-th largest |x| with k = N - floor(mask_ratio*N)
+    (+inf if k = 0). Entries with |x| >= the result are the ones GMT keeps. With exact=False the
+    result may be off by at most 0.5 % of N in rank (far less in practice; see README). No
+    host synchronisation, no copy of the inputs: extra memory is a few histograms.
+    """
+    tensors = list(tensors)
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio <= 1.0:
+        raise ValueError(f"Invalid mask_ratio: {mask_ratio!r}. It is the fraction of entries masked, in [0, 1].")
+    if not tensors:
+        raise ValueError("magnitude_threshold needs at least one tensor to select over; got none.")
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"magnitude_threshold takes tensors; got {type(t).__name__}.")
+        if t.layout != torch.strided:
+            raise RuntimeError(
+                f"magnitude_threshold does not support {t.layout} tensors; convert with .to_dense() first."
+            )
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(
+            f"magnitude_threshold needs all tensors on one device; got {sorted(map(str, devices))}. "
+            "Move them to one device, or call it once per device."
+        )
+    if process_group is not None:
+        raise NotImplementedError(
+            "magnitude_threshold(process_group=...) is not available yet: the distributed threshold "
+            "(all-reduced radix histograms) is tracked in its own issue. Call it without process_group "
+            "to select over this process's tensors."
+        )
+    device = devices.pop()
+    key_format = radix.key_format_for(t.dtype for t in tensors)
+    numel = sum(t.numel() for t in tensors)
+    scope = Scope(
+        grads=[t.detach() for t in tensors],
+        k=radix.kept_count(numel, float(mask_ratio)),
+        slack=radix.rank_slack(numel, exact),
+    )
+    selection = select_thresholds(
+        [scope], key_format, lambda t: resolve(backend, t.device, t.dtype), device
+    )
+    return selection.thresholds[0]
