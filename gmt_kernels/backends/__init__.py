@@ -28,6 +28,7 @@ Backends register themselves with `register`; `resolve` picks one per (device, d
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -99,12 +100,9 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
                 "backend='reference' (pure PyTorch, any device)."
             )
         return _REGISTRY[name]
-    reasons = []
-    for candidate in ("triton", "cpu"):
-        reason = _load(candidate) or _REGISTRY[candidate].unavailable_reason(device, dtype)
-        if reason is None:
-            return _REGISTRY[candidate]
-        reasons.append(reason)
+    fast, reasons = _fastest_available(device, dtype)
+    if fast is not None:
+        return fast
     key = (f"{device.type}/{dtype}", "; ".join(reasons))
     if key not in _warned_fallbacks:
         _warned_fallbacks.add(key)
@@ -119,11 +117,27 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     return _REGISTRY["reference"]
 
 
+def _fastest_available(device: torch.device, dtype: torch.dtype) -> tuple[Optional[Backend], list[str]]:
+    """The fast backend "auto" takes for (device, dtype), or None and why each one cannot serve."""
+    reasons, loaded = [], []
+    for name in _LOADERS:
+        if name != "reference":
+            failure = _load(name)
+            if failure is None:
+                loaded.append(_REGISTRY[name])
+            else:
+                reasons.append(failure)
+    for backend in sorted(loaded, key=lambda b: -b.priority):
+        reason = backend.unavailable_reason(device, dtype)
+        if reason is None:
+            return backend, reasons
+        reasons.append(f"backend {backend.name!r}: {reason}")
+    return None, reasons
+
+
 def describe_auto(device: torch.device, dtype: torch.dtype) -> str:
-    for candidate in ("triton", "cpu"):
-        if _load(candidate) is None and _REGISTRY[candidate].unavailable_reason(device, dtype) is None:
-            return candidate
-    return "reference"
+    fast, _ = _fastest_available(device, dtype)
+    return "reference" if fast is None else fast.name
 
 
 def available_backends() -> dict[str, Optional[str]]:
@@ -131,18 +145,13 @@ def available_backends() -> dict[str, Optional[str]]:
     return {name: _load(name) for name in BACKEND_NAMES[1:]}
 
 
-def _load_reference() -> None:
-    from . import reference  # noqa: F401  (registers itself)
+def _import_backend_module(module: str) -> Callable[[], None]:
+    def load() -> None:
+        importlib.import_module(f"{__name__}.{module}")  # the module registers itself
+
+    return load
 
 
-def _load_triton() -> None:
-    from . import triton  # noqa: F401  (registers itself; gmt_kernels/backends/triton/)
-
-
-def _load_cpu() -> None:
-    from . import cpu  # noqa: F401  (registers itself; wraps the C++ extension gmt_kernels._C)
-
-
-register_loader("reference", _load_reference)
-register_loader("triton", _load_triton)
-register_loader("cpu", _load_cpu)
+register_loader("reference", _import_backend_module("reference"))
+register_loader("triton", _import_backend_module("triton"))  # gmt_kernels/backends/triton/
+register_loader("cpu", _import_backend_module("cpu"))  # wraps the C++ extension gmt_kernels._C
