@@ -36,7 +36,8 @@ class KeyFormat:
     name: str
     float_dtype: torch.dtype
     int_dtype: torch.dtype
-    key_bits: int  # bits below the (always clear) sign bit
+    key_bits: int  # bits below the (always clear) sign bit: exponent and mantissa
+    mantissa_bits: int
 
     @property
     def passes(self) -> list[tuple[int, int]]:
@@ -56,16 +57,16 @@ class KeyFormat:
     def first_nonfinite_bin(self) -> int:
         """Bins of the first pass at or above this one hold +-inf and NaN: the first digit always
         contains the whole exponent field, and an all-ones exponent means non-finite."""
-        inf_key = torch.tensor(float("inf"), dtype=self.float_dtype).view(self.int_dtype).item()
+        inf_key = ((1 << (self.key_bits - self.mantissa_bits)) - 1) << self.mantissa_bits
         shift, _ = self.passes[0]
         return inf_key >> shift
 
 
 KEY_FORMATS = {
-    torch.float16: KeyFormat("f16", torch.float16, torch.int16, 15),
-    torch.bfloat16: KeyFormat("bf16", torch.bfloat16, torch.int16, 15),
-    torch.float32: KeyFormat("f32", torch.float32, torch.int32, 31),
-    torch.float64: KeyFormat("f64", torch.float64, torch.int64, 63),
+    torch.float16: KeyFormat("f16", torch.float16, torch.int16, 15, 10),
+    torch.bfloat16: KeyFormat("bf16", torch.bfloat16, torch.int16, 15, 7),
+    torch.float32: KeyFormat("f32", torch.float32, torch.int32, 31, 23),
+    torch.float64: KeyFormat("f64", torch.float64, torch.int64, 63, 52),
 }
 
 

@@ -541,3 +541,41 @@ def test_hooks_and_zero_grad_work_as_in_torch(backend):
     assert calls == ["pre", "post"] and loss.item() == 1.5
     opt.zero_grad()
     assert p.grad is None
+
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+@pytest.mark.parametrize("threshold", ["exact", "approx"])
+def test_step_never_reads_device_values_on_the_host(backend, nonfinite, threshold):
+    """Section 2: no device-host synchronisation inside step(): no tensor value reaches Python."""
+    params = make_params([(300,), (17, 5), ()])
+    opt = GMTAdamW(params, mask_ratio=0.3, nonfinite=nonfinite, threshold=threshold, backend=backend)
+    set_grads(params, random_grads(params))
+    opt.step()  # first step creates the state
+    reads = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in HOST_READS:
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    set_grads(params, random_grads(params))
+    with Watch():
+        opt.step(grad_scale=torch.tensor(1.0), found_inf=torch.tensor(0.0))
+    assert reads == []
+
+
+def test_named_parameters_name_tensor_scopes(backend):
+    model = small_model()
+    opt = GMTAdamW(model.named_parameters(), scope="tensor", mask_ratio=0.5, backend=backend)
+    train(model, opt, 1, seed=0)
+    stats = opt.mask_stats()
+    assert sorted(stats) == sorted(f"group0.{name}" for name, _ in model.named_parameters())
+    for name, p in model.named_parameters():
+        assert stats[f"group0.{name}"]["numel"] == p.numel()
+        assert stats[f"group0.{name}"]["kept"] == keep_count(p.numel(), 0.5)  # no ties in random grads
+    assert opt.state_dict()["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
