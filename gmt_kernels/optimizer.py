@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -77,6 +78,8 @@ class _Batch:
     grads: list = field(default_factory=list)
     states: list = field(default_factory=list)
     scope_rows: list = field(default_factory=list)  # row per tensor, or None when unmasked
+    contributions: list = field(default_factory=list)  # distributed.Contribution per tensor (sharded runs)
+    uncounted: list = field(default_factory=list)  # tensors whose kept count another rank reports
 
 
 class GMTAdamW(torch.optim.Optimizer):
@@ -123,11 +126,7 @@ class GMTAdamW(torch.optim.Optimizer):
         _check_choice("threshold", threshold, THRESHOLDS, "'exact' is the k-th largest score; 'approx' is within 0.5 % in rank.")
         _check_choice("nonfinite", nonfinite, NONFINITE, "It says what a NaN or inf gradient does to the step.")
         check_backend_name(backend)
-        if process_group is not None:
-            raise NotImplementedError(
-                "GMTAdamW(process_group=...) is not available yet: the distributed threshold is tracked "
-                "in its own issue. Without process_group each process selects over its own gradients."
-            )
+        self.process_group = process_group
         self.scope, self.mask_mode, self.threshold = scope, mask_mode, threshold
         self.nonfinite, self.backend = nonfinite, backend
         defaults = dict(
@@ -135,6 +134,7 @@ class GMTAdamW(torch.optim.Optimizer):
             maximize=maximize, mask_ratio=mask_ratio,
         )
         super().__init__(params, defaults)
+        self._sharding = _infer_sharding(self.param_groups, process_group)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         self._primary = first.device if first is not None else torch.device("cpu")
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self._primary)
@@ -158,6 +158,8 @@ class GMTAdamW(torch.optim.Optimizer):
                     "for a threshold per group, or give the groups the same mask_ratio (0 = unmasked)."
                 )
         super().add_param_group(param_group)
+        if hasattr(self, "_sharding"):
+            self._sharding = _infer_sharding(self.param_groups, self.process_group)
         if hasattr(self, "_primary"):
             for p in self.param_groups[-1]["params"]:
                 resolve(self.backend, p.device, p.dtype)
@@ -203,11 +205,12 @@ class GMTAdamW(torch.optim.Optimizer):
         batches = self._gather()  # validates everything before anything changes
         if not batches:
             return loss
-        scopes, records = self._scopes(batches)
+        scopes, records, sharded_rows = self._scopes(batches)
+        backend_for = lambda g: resolve(self.backend, g.device, g.dtype)  # noqa: E731
         selections = {
-            fmt: select_thresholds(
-                fmt_scopes, fmt, lambda g: resolve(self.backend, g.device, g.dtype), self._primary
-            )
+            fmt: select_thresholds(fmt_scopes, fmt, backend_for, self._primary)
+            if self._sharding is None
+            else self._sharding.select(fmt_scopes, sharded_rows[fmt], fmt, backend_for, self._primary)
             for fmt, fmt_scopes in scopes.items()
         }
 
@@ -224,6 +227,8 @@ class GMTAdamW(torch.optim.Optimizer):
             skip = inf if skip is None else skip | inf
 
         self._init_state(batches)
+        if self._sharding is not None:
+            _use_local_shards(batches)
         skip_on = _PerDevice(skip)
         steps_by_device = defaultdict(list)
         for batch in batches:
@@ -236,6 +241,8 @@ class GMTAdamW(torch.optim.Optimizer):
         for batch in batches:
             self._update(batch, selections, kept_by_format, grad_scale, skip_on)
 
+        if self._sharding is not None:
+            self._sharding.reduce_rows(kept_by_format, sharded_rows)
         if skip is not None:
             self.skipped_steps += skip.to(self.skipped_steps.device)
         self._record_stats(records, selections, kept_by_format, grad_scale, skip)
@@ -261,8 +268,13 @@ class GMTAdamW(torch.optim.Optimizer):
                 key = (gi, p.device, p.dtype)
                 batch = batches.setdefault(key, _Batch(group=group, group_index=gi, backend=backend))
                 batch.params.append(p)
-                batch.grads.append(p.grad)
                 batch.states.append((gi, pi))
+                if self._sharding is None:
+                    batch.grads.append(p.grad)
+                else:  # a DTensor's local shard; the contribution says who counts its entries
+                    batch.grads.append(_local(p.grad))
+                    where = f"parameter {pi} of param group {gi}"
+                    batch.contributions.append(self._sharding.contribution(p, p.grad, where))
         return list(batches.values())
 
     def _init_state(self, batches: list[_Batch]) -> None:
@@ -308,6 +320,8 @@ class GMTAdamW(torch.optim.Optimizer):
         records = []
         exact = self.threshold == "exact"
 
+        sharded_scopes = []  # (fmt, row, ratio, members): k waits for the global entry count
+
         def add(name, members, ratio, record):
             fmt = radix.key_format_for(b.params[i].dtype for b, i in members)
             numel = sum(b.grads[i].numel() for b, i in members)
@@ -323,13 +337,44 @@ class GMTAdamW(torch.optim.Optimizer):
                 b.scope_rows.append((i, fmt, row))
             if record:
                 records.append(_ScopeRecord(name, fmt, row, numel))
+            if self._sharding is not None:
+                sharded_scopes.append((fmt, row, ratio, members))
 
         for name, members in masked.items():
             add(name, members, names[name], True)
         if self.nonfinite != "propagate":  # unmasked tensors are only checked for NaN / inf
             for members in unmasked.values():
                 add("unmasked", members, 0.0, False)
-        return scopes, records
+        sharded_rows = defaultdict(list)  # per format, the rows whose histograms are all-reduced
+        if sharded_scopes:
+            self._globalize_scopes(sharded_scopes, scopes, records, sharded_rows, exact)
+        return scopes, records, sharded_rows
+
+    def _globalize_scopes(self, sharded_scopes, scopes, records, sharded_rows, exact) -> None:
+        """Give scopes spread over the process group their global entry count (hence k) and the
+        gradients this rank histograms (a replica is counted by one rank only)."""
+        from .distributed import scope_members
+
+        views = []
+        for fmt, row, ratio, members in sharded_scopes:
+            grads = [b.grads[i] for b, i in members]
+            view = scope_members(grads, [b.contributions[i] for b, i in members])
+            views.append(view)
+            if view.sharded:
+                sharded_rows[fmt].append(row)
+                for (b, i), c in zip(members, (b.contributions[i] for b, i in members)):
+                    if not c.counted_here:
+                        b.uncounted.append(i)
+        numels = self._sharding.global_numels(
+            [v.known_numel for v in views], [v.shard_numel for v in views], self._primary
+        )
+        record_of = {(rec.fmt, rec.row): rec for rec in records}
+        for (fmt, row, ratio, _), view, numel in zip(sharded_scopes, views, numels):
+            scope = scopes[fmt][row]
+            scope.grads = view.grads
+            scope.k, scope.slack = radix.kept_count(numel, ratio), radix.rank_slack(numel, exact)
+            if (fmt, row) in record_of:
+                record_of[(fmt, row)].numel = numel
 
     def _update(self, batch: _Batch, selections, kept_by_format, grad_scale, skip_on) -> None:
         group, params = batch.group, batch.params
@@ -366,19 +411,26 @@ class GMTAdamW(torch.optim.Optimizer):
             skip=skip_on[device],
         )
         if masked:
+            if batch.uncounted:  # replicas whose entries another rank of the group reports
+                kept.index_fill_(0, torch.tensor(batch.uncounted, dtype=torch.int64, device=device), 0)
             kept_by_format[fmt].index_add_(0, index, kept.to(self._primary, non_blocking=True))
 
     def _raise_nonfinite(self, batches: list[_Batch]) -> None:
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for pi, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all()):
                     label = f" ({names[pi]!r})" if names else ""
                     raise FloatingPointError(
                         f"GMTAdamW: the gradient of parameter {pi}{label} in param group {gi} has NaN or "
                         "inf entries; nothing was changed. Find where it comes from, or construct the "
                         "optimizer with nonfinite='skip' to skip such steps (as GradScaler does)."
                     )
+        if self._sharding is not None:  # the all-reduced histogram saw it on another rank
+            raise FloatingPointError(
+                "GMTAdamW: a gradient shard on another rank of the process group has NaN or inf entries "
+                "(that rank names the parameter); nothing was changed. Use nonfinite='skip' to skip such steps."
+            )
 
     def _record_stats(self, records, selections, kept_by_format, grad_scale, skip) -> None:
         stats = {}
@@ -397,6 +449,30 @@ class GMTAdamW(torch.optim.Optimizer):
             name: {k: (v.item() if isinstance(v, Tensor) else v) for k, v in s.items()}
             for name, s in self._last_stats.items()
         }
+
+
+def _infer_sharding(param_groups, process_group):
+    """distributed.ShardGroup for DTensor parameters or an explicit process_group, else None (one
+    process: torch.distributed is not even imported)."""
+    params = [p for g in param_groups for p in g["params"]]
+    if process_group is None and "torch.distributed.tensor" not in sys.modules:
+        return None  # no DTensor can exist yet
+    from .distributed import ShardGroup
+
+    return ShardGroup.infer(params, process_group)
+
+
+def _local(t: Tensor) -> Tensor:
+    from .distributed import local
+
+    return local(t)
+
+
+def _use_local_shards(batches: list[_Batch]) -> None:
+    """Backends see plain tensors: the local shards of DTensor parameters and of their state."""
+    for batch in batches:
+        batch.params = [_local(p) for p in batch.params]
+        batch.states = [{key: _local(value) for key, value in state.items()} for state in batch.states]
 
 
 class _PerDevice:

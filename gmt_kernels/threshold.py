@@ -112,11 +112,12 @@ def magnitude_threshold(
             f"magnitude_threshold needs all tensors on one device; got {sorted(map(str, devices))}. "
             "Move them to one device, or call it once per device."
         )
-    if process_group is not None:
-        raise NotImplementedError(
-            "magnitude_threshold(process_group=...) is not available yet: the distributed threshold "
-            "(all-reduced radix histograms) is tracked in its own issue. Call it without process_group "
-            "to select over this process's tensors."
+    if process_group is not None or any(type(t).__name__ == "DTensor" for t in tensors):
+        from .distributed import magnitude_threshold_sharded  # imports torch.distributed.tensor
+
+        return magnitude_threshold_sharded(
+            tensors, mask_ratio, exact=exact, process_group=process_group,
+            backend_for=lambda t: resolve(backend, t.device, t.dtype),
         )
     device = devices.pop()
     key_format = radix.key_format_for(t.dtype for t in tensors)
