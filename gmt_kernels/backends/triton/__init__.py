@@ -1,0 +1,85 @@
+"""The Triton backend: the radix histogram pass and the fused masked-AdamW pass as Triton kernels.
+
+Serves float16, bfloat16, float32 and float64 tensors:
+- on CUDA (and ROCm) devices, compiled;
+- on CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
+  imported), which is how the test suite runs these kernels without a GPU.
+
+Each call launches one kernel per (dtype, 16-byte alignment) of the tensors it gets, never one per
+tensor (see tables.py). Kernels: histogram.py, adamw.py; their compiled specialisations and
+register use: `python -m gmt_kernels.aot`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import Backend, register
+from .. import reference
+from .adamw import launch_masked_adamw
+from .histogram import TORCH_TO_TRITON, launch_histogram, radix_histogram_kernel
+
+SERVED_DTYPES = tuple(TORCH_TO_TRITON)
+
+
+def interpreter_active() -> bool:
+    """True if the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(radix_histogram_kernel, InterpretedFunction)
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in SERVED_DTYPES:
+        return f"it serves {', '.join(str(d) for d in SERVED_DTYPES)} tensors only"
+    interpreted = interpreter_active()
+    if device.type == "cpu":
+        if interpreted:
+            return None
+        return (
+            "Triton kernels run on CPU tensors only under the Triton interpreter; set the environment "
+            "variable TRITON_INTERPRET=1 before triton is first imported (slow, for testing), or use "
+            "backend='cpu' (the C++ kernels) or backend='reference' for CPU tensors"
+        )
+    if device.type == "cuda":
+        if interpreted:
+            return (
+                "the Triton interpreter is active (TRITON_INTERPRET=1), and it runs on CPU tensors only; "
+                "unset TRITON_INTERPRET before starting Python to run the compiled kernels on the GPU"
+            )
+        return None
+    return f"Triton kernels run on CUDA/ROCm devices (or CPU under TRITON_INTERPRET=1), not on {device.type}"
+
+
+def radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width) -> None:
+    launch_histogram(grads, scope_of, state, hist, key_format=key_format, shift=shift, width=width)
+
+
+def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
+                 lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip) -> None:
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 maximize=maximize, mask_mode=mask_mode, grad_scale=grad_scale, skip=skip)
+
+    def one_tensor_by_reference(i: int) -> None:
+        # For a tensor whose gradient or states are laid out unlike the parameter (a strided view
+        # with holes, different strides): the reference update of this one tensor, still on the
+        # device and without a host sync. Normal training never takes this path.
+        reference.masked_adamw(
+            [params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]],
+            [max_exp_avg_sqs[i]] if amsgrad else [], [steps[i]], thresholds[i : i + 1], kept[i : i + 1], **hyper)
+
+    launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
+                        fallback=one_tensor_by_reference, **hyper)
+
+
+register(
+    Backend(
+        name="triton",
+        unavailable_reason=unavailable_reason,
+        radix_histogram=radix_histogram,
+        masked_adamw=masked_adamw,
+        priority=2,
+    )
+)

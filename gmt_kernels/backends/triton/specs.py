@@ -1,0 +1,77 @@
+"""The compiled specialisations this backend ships: what `python -m gmt_kernels.aot` compiles.
+
+Everything that changes per step or per call (shift, width, lr, flags such as maximize/freeze/
+skip) is a runtime argument, so a handful of variants cover every call: the element types, amsgrad
+(whose extra tensor changes the kernel's loads), and 16-byte alignment (which allows 128-bit
+accesses). A call outside this list (e.g. float16 params in a float64-keyed scope) is compiled
+just in time as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+from . import adamw, histogram
+
+
+@dataclass(frozen=True)
+class Spec:
+    kernel: str  # "histogram" or "masked_adamw"
+    label: str  # the variant, e.g. "grad=bf16,key=f32,aligned"
+    signature: tuple  # ((name, type or "constexpr"), ...)
+    constexprs: tuple  # ((name, value), ...)
+    num_warps: int
+
+    def function(self):
+        return {"histogram": histogram.radix_histogram_kernel, "masked_adamw": adamw.masked_adamw_kernel}[self.kernel]
+
+
+_SHORT = {tl.float16: "f16", tl.bfloat16: "bf16", tl.float32: "f32", tl.float64: "f64"}
+_TORCH = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32, tl.float64: torch.float64}
+_PTR = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32", tl.float64: "*fp64"}
+
+# (gradient type, key format): every pair radix.key_format_for can produce.
+HISTOGRAM_PAIRS = [
+    (tl.float16, tl.float16), (tl.bfloat16, tl.bfloat16), (tl.float32, tl.float32),
+    (tl.float16, tl.float32), (tl.bfloat16, tl.float32),
+    (tl.float64, tl.float64), (tl.float32, tl.float64), (tl.bfloat16, tl.float64), (tl.float16, tl.float64),
+]
+
+
+def _histogram_specs():
+    signature = (("table", "*i64"), ("chunk_owner", "*i32"), ("state", "*i64"), ("hist", "*i64"),
+                 ("shift", "i32"), ("width", "i32"))
+    for grad, key in HISTOGRAM_PAIRS:
+        for aligned in (True, False):
+            constexprs = (("GRAD", grad), ("KEY_FLOAT", key), ("ALIGNED", aligned), ("BINS", histogram.MAX_BINS),
+                          ("BLOCK", histogram.BLOCK), ("ITERS", histogram.ITERS))
+            label = f"grad={_SHORT[grad]},key={_SHORT[key]},{'aligned' if aligned else 'unaligned'}"
+            yield Spec("histogram", label, signature + tuple((n, "constexpr") for n, _ in constexprs), constexprs,
+                       histogram.NUM_WARPS)
+
+
+def _adamw_specs():
+    for param in (tl.float16, tl.bfloat16, tl.float32, tl.float64):
+        compute = tl.float64 if param == tl.float64 else tl.float32
+        signature = (
+            ("table", "*i64"), ("chunk_owner", "*i32"), ("thresholds", _PTR[compute]), ("kept", "*i64"),
+            ("lr_tensor", "*fp32"), ("grad_scale_ptr", "*fp32"), ("skip_ptr", "*u8"),
+            ("lr", "fp64"), ("weight_decay", "fp64"), ("beta1", "fp64"), ("beta2", "fp64"),
+            ("log_beta1", "fp64"), ("log_beta2", "fp64"), ("eps", "fp64"),
+            ("lr_from_tensor", "i32"), ("has_grad_scale", "i32"), ("has_skip", "i32"), ("maximize", "i32"),
+            ("freeze", "i32"),
+        )
+        for amsgrad in (False, True):
+            for aligned in (True, False):
+                constexprs = (("PARAM", param), ("COMPUTE", compute), ("AMSGRAD", amsgrad), ("ALIGNED", aligned),
+                              ("BLOCK", adamw.block_for(_TORCH[param])), ("ITERS", adamw.ITERS))
+                label = f"param={_SHORT[param]},{'amsgrad,' if amsgrad else ''}{'aligned' if aligned else 'unaligned'}"
+                yield Spec("masked_adamw", label, signature + tuple((n, "constexpr") for n, _ in constexprs),
+                           constexprs, adamw.NUM_WARPS)
+
+
+def shipped_specs() -> list[Spec]:
+    return [*_histogram_specs(), *_adamw_specs()]

@@ -1,0 +1,90 @@
+"""Launch tables: how one kernel launch finds every tensor it works on (multi_tensor_apply-style).
+
+A launch gets two small device tensors instead of one argument per tensor:
+
+- `table`, int64 [n, columns]: per tensor its data_ptr(s) (cast back to typed pointers inside the
+  kernel), its numel, and the index of its first chunk;
+- `chunk_owner`, int32 [chunks]: for program p, the tensor whose chunk it works on.
+
+Program p then handles entries [(p - first_chunk) * CHUNK, ... + CHUNK) of tensor chunk_owner[p],
+with int64 offsets, so a tensor of any size (beyond 2**31 entries) and any number of tensors take
+one launch. The tables only hold addresses and sizes, which the host knows without reading the
+device, so they are built on the host; they are cached by their contents, so a training loop whose
+tensors keep their storage (the usual case) builds them once and later steps copy nothing to the
+device (which also keeps a captured CUDA graph valid). Memory: 8 * columns bytes per tensor plus
+4 bytes per CHUNK entries (2.4e-4 bytes per entry at CHUNK = 16384).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple, Sequence
+
+import torch
+
+# Columns of the tables are fixed per kernel; the numel and first-chunk columns come last.
+_CACHE_SIZE = 256
+_cache: "OrderedDict[tuple, LaunchTable]" = OrderedDict()
+
+
+class LaunchTable(NamedTuple):
+    table: torch.Tensor  # int64 [n, columns + 2]
+    chunk_owner: torch.Tensor  # int32 [num_chunks]
+    num_chunks: int
+
+
+def launch_table(rows: Sequence[tuple[int, ...]], numels: Sequence[int], chunk: int, device: torch.device) -> LaunchTable:
+    """The table for tensors with these per-tensor integer columns and sizes (numel > 0 each)."""
+    key = (device, chunk, tuple(rows), tuple(numels))
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    chunks = torch.tensor([-(-n // chunk) for n in numels], dtype=torch.int64)
+    first = torch.cumsum(chunks, 0) - chunks
+    table = torch.cat(
+        [torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1),
+         torch.tensor(numels, dtype=torch.int64)[:, None], first[:, None]], dim=1)
+    owner = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), chunks)
+    if owner.numel() >= 2**31:
+        raise ValueError(
+            f"gmt_kernels triton backend: {owner.numel()} chunks of {chunk} entries exceed one launch's grid "
+            "(2**31 - 1 programs); split the parameters into several param groups."
+        )
+    result = LaunchTable(_to_device(table.contiguous(), device), _to_device(owner, device), int(owner.numel()))
+    _cache[key] = result
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return result
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return t
+    # Pinned so the copy is truly asynchronous (no host wait) on the current stream.
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def is_aligned(*tensors: torch.Tensor) -> bool:
+    """True if every tensor starts on a 16-byte boundary: the kernels may then use 128-bit loads."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def flat_storage_view(t: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of t's entries in memory order if they fill a dense block (any dense layout, e.g.
+    channels_last), else None. Element-wise kernels may run over that block directly."""
+    if t.is_contiguous():
+        return t.reshape(-1)
+    if _dense_in_some_order(t):
+        return t.as_strided((t.numel(),), (1,))
+    return None
+
+
+def _dense_in_some_order(t: torch.Tensor) -> bool:
+    """The strides, smallest first, are 1, size, size*size', ...: every entry once, no holes."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
