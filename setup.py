@@ -35,7 +35,7 @@ if skip_reason is None:
         CppExtension(
             "gmt_kernels._C",
             sources,
-            extra_compile_args=["-O3", "-std=c++17", "-march=x86-64-v2", "-mtune=generic", *openmp],
+            extra_compile_args=["-O3", "-std=c++17", "-march=x86-64-v2", "-mtune=generic", "-fno-math-errno", "-ffp-contract=off", *openmp],
             extra_link_args=openmp,
         )
     )
