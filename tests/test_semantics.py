@@ -591,3 +591,31 @@ def test_named_parameters_name_tensor_scopes(backend):
         assert stats[f"group0.{name}"]["numel"] == p.numel()
         assert stats[f"group0.{name}"]["kept"] == keep_count(p.numel(), 0.5)  # no ties in random grads
     assert opt.state_dict()["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
+
+
+def test_triton_on_cpu_tensors_without_interpreter_is_refused():
+    """Section 7: backend='triton' on CPU tensors without TRITON_INTERPRET says what to do."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from gmt_kernels import GMTAdamW\n"
+        "try:\n"
+        "    GMTAdamW([torch.nn.Parameter(torch.randn(3))], backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "backend 'triton' cannot serve torch.float32 tensors on cpu" in out.stdout, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout and "backend='reference'" in out.stdout
+
+
+@pytest.mark.parametrize("name,device", [("cpu", "cuda"), ("cpu", "meta"), ("triton", "meta")])
+def test_backend_refuses_tensors_of_another_device(name, device):
+    """Section 7: backend='cpu' on CUDA tensors (and any backend on a device it lacks) is an error."""
+    from gmt_kernels.backends import resolve
+
+    with pytest.raises(RuntimeError, match=rf"backend '{name}' cannot serve torch.float32 tensors on {device}"):
+        resolve(name, torch.device(device), torch.float32)
