@@ -31,7 +31,8 @@ HIST_CHUNK = triton_histogram.CHUNK
 def test_backend_is_available_under_the_interpreter():
     assert tb.interpreter_active(), "tests must run the kernels under TRITON_INTERPRET=1"
     backend = resolve("triton", CPU, torch.float32)
-    assert backend.name == "triton" and backend.priority == 2
+    assert backend.name == "triton" and backend.auto_devices == ("cuda",)
+    assert resolve("auto", CPU, torch.float32).name == "cpu"  # the interpreter is for tests only
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert tb.unavailable_reason(CPU, dtype) is None
     assert "float16" in tb.unavailable_reason(CPU, torch.int32)

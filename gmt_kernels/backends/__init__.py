@@ -45,7 +45,9 @@ class Backend:
     unavailable_reason: Callable[[torch.device, torch.dtype], Optional[str]]
     radix_histogram: Callable[..., None]
     masked_adamw: Callable[..., None]
-    priority: int = 0  # "auto" takes the available backend with the highest priority
+    # Device types for which "auto" picks this backend. The Triton interpreter can serve CPU tensors,
+    # but only for testing: "auto" takes triton for CUDA tensors and the C++ kernels for CPU ones.
+    auto_devices: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -127,7 +129,10 @@ def _fastest_available(device: torch.device, dtype: torch.dtype) -> tuple[Option
                 loaded.append(_REGISTRY[name])
             else:
                 reasons.append(failure)
-    for backend in sorted(loaded, key=lambda b: -b.priority):
+    for backend in loaded:
+        if device.type not in backend.auto_devices:
+            reasons.append(f"backend {backend.name!r} is not used for {device.type} tensors by 'auto'")
+            continue
         reason = backend.unavailable_reason(device, dtype)
         if reason is None:
             return backend, reasons

@@ -91,6 +91,5 @@ register(
         unavailable_reason=lambda device, dtype: None,
         radix_histogram=radix_histogram,
         masked_adamw=masked_adamw,
-        priority=0,
     )
 )

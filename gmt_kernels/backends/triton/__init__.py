@@ -80,6 +80,6 @@ register(
         unavailable_reason=unavailable_reason,
         radix_histogram=radix_histogram,
         masked_adamw=masked_adamw,
-        priority=2,
+        auto_devices=("cuda",),
     )
 )

@@ -1,0 +1,21 @@
+// The two kernels of the C++ CPU backend (Backend.radix_histogram and Backend.masked_adamw of
+// gmt_kernels/backends/__init__.py, whose docstring is their contract), registered in ops.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "flat_work.h"
+
+namespace gmt {
+
+void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const at::Tensor& state,
+                         const at::Tensor& hist, c10::string_view key_format, int64_t shift, int64_t width);
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                      const at::Tensor& thresholds, const at::Tensor& kept, double lr,
+                      const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                      double weight_decay, bool amsgrad, bool maximize, c10::string_view mask_mode,
+                      const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& skip);
+
+}  // namespace gmt

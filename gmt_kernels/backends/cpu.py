@@ -1,0 +1,61 @@
+"""The C++ CPU backend: the kernels of csrc/, registered as torch.ops.gmt_kernels.* by gmt_kernels._C.
+
+Importing this module fails (and "auto" falls back to the reference backend, saying why) when the
+extension was not built; backend="cpu" then raises with the same reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Backend, register
+
+try:
+    from .. import _C  # noqa: F401  (registers torch.ops.gmt_kernels.* on import)
+except ImportError as exc:
+    raise ImportError(
+        f"the C++ extension gmt_kernels._C is not built ({exc}). Build it from the repository root with "
+        "`python setup.py build_ext --inplace` (or `pip install --no-build-isolation -e .`); it needs a C++ "
+        "compiler and the torch you run"
+    ) from exc
+
+_OPS = torch.ops.gmt_kernels
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype):
+    if device.type != "cpu":
+        return f"the C++ CPU backend serves CPU tensors only, not {device.type} tensors"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the C++ CPU backend supports {', '.join(map(str, SUPPORTED_DTYPES))}, not {dtype}"
+    return None
+
+
+def radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width):
+    _OPS.radix_histogram(list(grads), list(scope_of), state, hist, key_format.name, shift, width)
+
+
+def masked_adamw(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
+    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip,
+):
+    lr_is_tensor = isinstance(lr, torch.Tensor)
+    _OPS.masked_adamw(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
+        lr=0.0 if lr_is_tensor else float(lr),
+        lr_tensor=lr if lr_is_tensor else None,
+        beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+        amsgrad=bool(amsgrad), maximize=bool(maximize), mask_mode=mask_mode,
+        grad_scale=grad_scale, skip=skip,
+    )
+
+
+register(
+    Backend(
+        name="cpu",
+        unavailable_reason=unavailable_reason,
+        radix_histogram=radix_histogram,
+        masked_adamw=masked_adamw,
+        auto_devices=("cpu",),
+    )
+)

@@ -1,0 +1,332 @@
+"""The C++ CPU backend (csrc/, gmt_kernels.backends.cpu) op by op against the reference backend,
+plus proof that a built extension is what backend="auto" runs on CPU.
+
+The behavioural suite (test_semantics.py) already runs every SEMANTICS.md rule on backend "cpu";
+these tests aim at what only a C++ kernel can get wrong: thread ranges that cross tensor
+boundaries, dense layouts that are not contiguous, every dtype / key-format pair, every flag of
+the update, and int32 counters. A missing extension fails this module at import, with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from gmt_kernels import GMTAdamW, radix
+from gmt_kernels.backends import cpu, reference
+
+# Above the kernels' per-thread grain (2^16), so two threads split these and a range ends mid-tensor.
+SIZES = [70001, 0, 1, 3, 65536, 100003]
+
+
+def scores(n, dtype, case, gen):
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    if case == "wide":  # forty decades, denormals and zeros, signs mixed
+        x = x * torch.pow(10.0, torch.empty(n, dtype=torch.float64).uniform_(-30, 10, generator=gen))
+        x[:: 97] = 0.0
+    elif case == "nonfinite":
+        x[:: 1013] = float("nan")
+        x[5 :: 2027] = float("inf")
+        x[7 :: 4051] = -float("inf")
+    elif case == "ties":
+        x = torch.randint(-3, 4, (n,), generator=gen).double()
+    return x.to(dtype)
+
+
+def numpy_keys(t: torch.Tensor, fmt: radix.KeyFormat) -> np.ndarray:
+    """Keys computed without torch: |x| widened by numpy to the format's float type, bits as int."""
+    if fmt.name == "bf16":  # a 15-bit key: the bits of |x| in bfloat16 itself
+        return (t.reshape(-1).view(torch.int16).numpy().astype(np.int64) & 0x7FFF)
+    np_float = {"f16": np.float16, "f32": np.float32, "f64": np.float64}[fmt.name]
+    np_int = {"f16": np.int16, "f32": np.int32, "f64": np.int64}[fmt.name]
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: a bfloat16 is the top half of a float32
+        bits = t.reshape(-1).view(torch.int16).numpy().astype(np.int64) & 0x7FFF
+        values = (bits << 16).astype(np.int32).view(np.float32)
+    else:
+        values = np.abs(t.reshape(-1).numpy())
+    return values.astype(np_float).view(np_int).astype(np.int64)
+
+
+def run_passes(backend, grads, scope_of, ks, fmt):
+    """Histograms of every pass of an exact selection driven by `backend`, with the state each saw."""
+    state = radix.initial_state(torch.tensor(ks))
+    seen = []
+    for shift, width in fmt.passes:
+        hist = torch.zeros(len(ks), 1 << width, dtype=torch.int64)
+        backend.radix_histogram(grads, scope_of, state, hist, key_format=fmt, shift=shift, width=width)
+        seen.append((state.clone(), shift, width, hist))
+        radix.select_bins(hist, state, torch.zeros(len(ks), dtype=torch.int64), shift)
+    return seen, state
+
+
+FORMAT_CASES = [  # (gradient dtypes, in order), their key format follows from radix.key_format_for
+    [torch.float32],
+    [torch.float64],
+    [torch.float16],
+    [torch.bfloat16],
+    [torch.float16, torch.bfloat16, torch.float32],  # meet in f32
+    [torch.float32, torch.float16, torch.float64, torch.bfloat16],  # meet in f64
+]
+
+
+@pytest.mark.parametrize("dtypes", FORMAT_CASES, ids=lambda d: "+".join(str(t)[6:] for t in d))
+@pytest.mark.parametrize("case", ["normal", "wide", "nonfinite", "ties"])
+def test_histograms_equal_reference_every_pass(dtypes, case):
+    gen = torch.Generator().manual_seed(1)
+    grads = [scores(n, dtypes[i % len(dtypes)], case, gen) for i, n in enumerate(SIZES)]
+    scope_of = [0, 1, 0, 1, 1, 0]
+    fmt = radix.key_format_for(dtypes)
+    ks = [radix.kept_count(SIZES[0] + SIZES[2] + SIZES[5], 0.3), radix.kept_count(SIZES[1] + SIZES[3] + SIZES[4], 0.9)]
+    ours, our_state = run_passes(cpu, grads, scope_of, ks, fmt)
+    theirs, their_state = run_passes(reference, grads, scope_of, ks, fmt)
+    for index, ((state, shift, width, hist), (ref_state, _, _, ref_hist)) in enumerate(zip(ours, theirs)):
+        assert torch.equal(state, ref_state)
+        if index == 0:
+            # NaN keys may differ in their low bits: torch itself widens a float16 NaN to 0x7fffffff
+            # on its scalar path and to 0x7fc00000 on its vector path. Where a NaN lands among the
+            # non-finite bins changes no threshold (NaN scores are all kept); how many there are does.
+            cut = fmt.first_nonfinite_bin
+            assert torch.equal(hist[:, cut:].sum(-1), ref_hist[:, cut:].sum(-1))
+            hist, ref_hist = hist[:, :cut], ref_hist[:, :cut]
+        assert torch.equal(hist, ref_hist), f"pass (shift={shift}, width={width})"
+    assert torch.equal(our_state, their_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_first_pass_counts_numpy_keys(dtype):
+    """Independent of the reference: the first digit of keys computed by numpy, counted by numpy."""
+    gen = torch.Generator().manual_seed(2)
+    grads = [scores(n, dtype, "wide", gen) for n in SIZES]
+    fmt = radix.key_format_for([dtype])
+    shift, width = fmt.passes[0]
+    hist = torch.zeros(1, 1 << width, dtype=torch.int64)
+    cpu.radix_histogram(grads, [0] * len(grads), radix.initial_state(torch.tensor([1])), hist,
+                        key_format=fmt, shift=shift, width=width)
+    keys = np.concatenate([numpy_keys(g, fmt) for g in grads])
+    expected = np.bincount(keys >> shift, minlength=1 << width)
+    assert hist[0].tolist() == expected.tolist()
+
+
+def test_histogram_reads_strided_layouts_and_skips_done_scopes():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 500, generator=gen)
+    transposed = base.t()  # dense, not contiguous: read in memory order
+    sliced = base[:, ::3]  # gappy: read through a copy
+    fmt = radix.KEY_FORMATS[torch.float32]
+    shift, width = fmt.passes[0]
+    state = radix.initial_state(torch.tensor([10, 10]))
+    state[1, radix.DONE] = 1
+    hist = torch.zeros(2, 1 << width, dtype=torch.int64)
+    cpu.radix_histogram([transposed, sliced, base], [0, 0, 1], state, hist, key_format=fmt, shift=shift, width=width)
+    expected = torch.zeros_like(hist)
+    reference.radix_histogram([transposed.contiguous(), sliced.contiguous()], [0, 0], state, expected,
+                              key_format=fmt, shift=shift, width=width)
+    assert torch.equal(hist, expected)
+    assert hist[0].sum() == transposed.numel() + sliced.numel() and hist[1].sum() == 0
+
+
+def test_histogram_rejects_bad_arguments_with_reasons():
+    g = [torch.randn(10)]
+    state = radix.initial_state(torch.tensor([3]))
+    hist = torch.zeros(1, 2048, dtype=torch.int64)
+    ops = torch.ops.gmt_kernels
+    with pytest.raises(RuntimeError, match="unknown key_format 'f8'"):
+        ops.radix_histogram(g, [0], state, hist, "f8", 20, 11)
+    with pytest.raises(RuntimeError, match="cannot be scored exactly in key format f16"):
+        ops.radix_histogram(g, [0], state, hist, "f16", 4, 11)
+    with pytest.raises(RuntimeError, match=r"hist must be .*\[1, 2048\]"):
+        ops.radix_histogram(g, [0], state, hist[:, :1024], "f32", 20, 10 + 1)
+    with pytest.raises(RuntimeError, match="scope_of\\[0\\] = 4 is not a row of state"):
+        ops.radix_histogram(g, [4], state, hist, "f32", 20, 11)
+    with pytest.raises(RuntimeError, match="does not fit the 31-bit keys"):
+        ops.radix_histogram(g, [0], state, hist, "f32", 21, 11)
+
+
+# --- masked_adamw ---------------------------------------------------------------------------------
+
+
+def update_inputs(dtype, *, amsgrad, nan, gen, threshold_dtype):
+    params = [scores(n, dtype, "normal", gen) for n in SIZES]
+    grads = [scores(n, dtype, "nonfinite" if nan else "normal", gen) * 0.1 for n in SIZES]
+    exp_avgs = [scores(n, dtype, "normal", gen) * 0.01 for n in SIZES]
+    exp_avg_sqs = [scores(n, dtype, "normal", gen).abs() * 1e-4 for n in SIZES]
+    max_sqs = [v * 1.5 for v in exp_avg_sqs] if amsgrad else []
+    steps = [torch.tensor(float(s)) for s in (1, 2, 3, 7, 10, 1000)]
+    thresholds = torch.tensor([0.05, 0.0, float("inf"), 0.1, 0.07, 0.12], dtype=threshold_dtype)
+    return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, thresholds
+
+
+# The reference's torch ops round a few intermediate results differently (torch's vector lerp uses
+# an FMA): parameters of size ~1 may differ in their last bit.
+UPDATE_TOL = {torch.float32: (1e-6, 1e-7), torch.float64: (1e-13, 1e-15), torch.float16: (1e-3, 1e-6),
+              torch.bfloat16: (8e-3, 1e-6)}
+
+
+def assert_updates_match(dtype, flags, *, nan=False, threshold_dtype=None, layout=None):
+    gen = torch.Generator().manual_seed(4)
+    amsgrad = flags.get("amsgrad", False)
+    threshold_dtype = threshold_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+    inputs = update_inputs(dtype, amsgrad=amsgrad, nan=nan, gen=gen, threshold_dtype=threshold_dtype)
+    ours = [[t.clone() for t in group] if isinstance(group, list) else group.clone() for group in inputs]
+    if layout is not None:
+        ours = layout(ours)
+    kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False,
+                  mask_mode="grad", grad_scale=None, skip=None)
+    kwargs.update(flags)
+    kept_ref = torch.zeros(len(SIZES), dtype=torch.int64)
+    kept = torch.full((len(SIZES),), 5, dtype=torch.int64)  # the op adds to it
+    reference.masked_adamw(*inputs, kept_ref, **kwargs)
+    cpu.masked_adamw(*ours, kept, **kwargs)
+    assert (kept - 5).tolist() == kept_ref.tolist()
+    rtol, atol = UPDATE_TOL[dtype]
+    for name, mine, expected in zip(["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], ours, inputs):
+        for i, (a, b) in enumerate(zip(mine, expected)):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}[{i}]: {m}")
+    return kept - 5
+
+
+FLAG_CASES = {
+    "plain": {},
+    "freeze": {"mask_mode": "freeze"},
+    "amsgrad": {"amsgrad": True},
+    "amsgrad_freeze_maximize": {"amsgrad": True, "mask_mode": "freeze", "maximize": True},
+    "grad_scale_pow2": {"grad_scale": torch.tensor(1024.0)},
+    "grad_scale_odd_beta1_large": {"grad_scale": torch.tensor(3.0), "beta1": 0.3},
+    "tensor_lr": {"lr": torch.tensor(3e-3)},
+    "tensor_lr_f64_no_decay": {"lr": torch.tensor(3e-3, dtype=torch.float64), "weight_decay": 0.0},
+    "not_skipped": {"skip": torch.tensor(False)},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("flags", list(FLAG_CASES.values()), ids=list(FLAG_CASES))
+def test_update_equals_reference(dtype, flags):
+    assert_updates_match(dtype, flags)
+
+
+@pytest.mark.parametrize("mask_mode", ["grad", "freeze"])
+def test_update_with_nan_and_inf_gradients(mask_mode):
+    kept = assert_updates_match(torch.float32, {"mask_mode": mask_mode, "amsgrad": True}, nan=True)
+    assert kept[2] > 0  # threshold +inf: only the NaN and inf entries of tensor 2... if any
+    assert kept[1] == SIZES[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_update_compares_in_float64_thresholds(dtype):
+    """A float32/float16 parameter of a float64 scope: |g| is compared in float64, as the reference."""
+    assert_updates_match(dtype, {"mask_mode": "freeze"}, threshold_dtype=torch.float64)
+
+
+def test_skip_changes_nothing_and_counts_nothing():
+    gen = torch.Generator().manual_seed(5)
+    params, grads, m, v, vmax, steps, thresholds = update_inputs(torch.float32, amsgrad=True, nan=False, gen=gen,
+                                                                 threshold_dtype=torch.float32)
+    before = [t.clone() for t in params + m + v + vmax]
+    kept = torch.zeros(len(SIZES), dtype=torch.int64)
+    cpu.masked_adamw(params, grads, m, v, vmax, steps, thresholds, kept, lr=1e-2, beta1=0.9, beta2=0.999,
+                     eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False, mask_mode="grad",
+                     grad_scale=None, skip=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, params + m + v + vmax))
+    assert kept.sum() == 0
+
+
+def test_update_handles_layouts_that_differ_between_operands():
+    def mixed(groups):
+        params, grads, m, v, vmax, steps, thresholds = groups
+        # A channels-last-like layout for tensor 0 shared by all operands (dense, not contiguous),
+        # and a grad of tensor 5 whose memory order differs from its parameter's.
+        def relayout(t):
+            return t.reshape(7, 10001).t().contiguous().t().reshape(-1) if t.numel() == 70007 else t
+
+        def transposed_copy(t):  # same values, stored transposed: a dense non-contiguous [n] view
+            return t.view(1, -1).expand(2, -1)[0]  # an expanded view: overlapping memory
+
+        grads = list(grads)
+        grads[5] = transposed_copy(grads[5].clone())
+        return [[relayout(t) for t in params], grads, m, v, vmax, steps, thresholds]
+
+    assert_updates_match(torch.float32, {"amsgrad": True}, layout=mixed)
+
+
+def test_update_writes_through_non_contiguous_parameters():
+    gen = torch.Generator().manual_seed(6)
+    storage = torch.randn(400, 300, generator=gen)
+    param = storage.t()  # the optimizer's state is created with preserve_format: same strides
+    grad = torch.randn(400, 300, generator=gen).t()
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    ref = [param.contiguous(), grad.contiguous(), m.contiguous(), v.contiguous()]
+    kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False,
+                  mask_mode="freeze", grad_scale=None, skip=None)
+    threshold = torch.tensor([0.5])
+    cpu.masked_adamw([param], [grad], [m], [v], [], [torch.tensor(1.0)], threshold, torch.zeros(1, dtype=torch.int64), **kwargs)
+    reference.masked_adamw([ref[0]], [ref[1]], [ref[2]], [ref[3]], [], [torch.tensor(1.0)], threshold,
+                           torch.zeros(1, dtype=torch.int64), **kwargs)
+    assert param.data_ptr() == storage.data_ptr()  # updated in place
+    torch.testing.assert_close(param, ref[0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(m, ref[2], rtol=1e-6, atol=1e-9)
+
+
+def test_update_rejects_mismatched_operands_with_reasons():
+    p = [torch.randn(4)]
+    args = lambda g, m: (p, g, m, [torch.zeros(4)], [], [torch.tensor(1.0)], torch.zeros(1), torch.zeros(1, dtype=torch.int64))  # noqa: E731
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                  mask_mode="grad", grad_scale=None, skip=None)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be a CPU tensor of the parameter's dtype and shape"):
+        cpu.masked_adamw(*args([torch.randn(4, dtype=torch.float64)], [torch.zeros(4)]), **kwargs)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] must be .* \[4\]"):
+        cpu.masked_adamw(*args([torch.randn(4)], [torch.zeros(5)]), **kwargs)
+    with pytest.raises(RuntimeError, match="unknown mask_mode 'lazy'"):
+        cpu.masked_adamw(*args([torch.randn(4)], [torch.zeros(4)]), **{**kwargs, "mask_mode": "lazy"})
+
+
+# --- the extension is what "auto" runs -------------------------------------------------------------
+
+
+AUTO_STEP = """
+import warnings, torch
+from gmt_kernels import GMTAdamW
+from gmt_kernels.backends import resolve
+params = [torch.nn.Parameter(torch.randn(n)) for n in (3000, 70000)]
+for p in params:
+    p.grad = torch.randn_like(p)
+warnings.simplefilter("error")  # a fallback to the reference warns: make it fail
+opt = GMTAdamW(params, mask_ratio=0.5, threshold="exact", backend="auto")
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    opt.step()
+print(resolve("auto", torch.device("cpu"), torch.float32).name)
+print(" ".join(sorted({e.name for e in prof.events() if e.name.startswith("gmt_kernels::")})))
+print(opt.mask_stats()["global"]["kept"])
+"""
+
+
+def test_auto_on_cpu_runs_the_cpp_kernels_without_fallback():
+    """In a user's process (no TRITON_INTERPRET, which this test session sets for the Triton
+    backend), "auto" on CPU tensors must run the C++ operators, seen by the profiler."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", AUTO_STEP], env=env, capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    backend, ops, kept = out.stdout.strip().splitlines()[-3:]
+    assert backend == "cpu"
+    assert ops.split() == ["gmt_kernels::masked_adamw", "gmt_kernels::radix_histogram"]
+    assert int(kept) == 36500  # k of 73000 entries with distinct scores
+
+
+def test_missing_extension_fails_import_with_build_instructions(monkeypatch):
+    import gmt_kernels
+
+    monkeypatch.setitem(sys.modules, "gmt_kernels._C", None)  # what a failed import of _C looks like
+    monkeypatch.delattr(gmt_kernels, "_C")
+    monkeypatch.delitem(sys.modules, "gmt_kernels.backends.cpu")
+    with pytest.raises(ImportError, match=r"gmt_kernels\._C is not built .*setup\.py build_ext --inplace"):
+        importlib.import_module("gmt_kernels.backends.cpu")
+    monkeypatch.undo()
+    importlib.import_module("gmt_kernels.backends.cpu")  # the real module registers "cpu" again
