@@ -76,7 +76,8 @@ class _Batch:
     backend: Backend
     params: list = field(default_factory=list)
     grads: list = field(default_factory=list)
-    states: list = field(default_factory=list)
+    positions: list = field(default_factory=list)  # index of each parameter in its group
+    states: list = field(default_factory=list)  # their state dicts, once _init_state has run
     scope_rows: list = field(default_factory=list)  # row per tensor, or None when unmasked
     contributions: list = field(default_factory=list)  # distributed.Contribution per tensor (sharded runs)
     uncounted: list = field(default_factory=list)  # tensors whose kept count another rank reports
@@ -268,7 +269,7 @@ class GMTAdamW(torch.optim.Optimizer):
                 key = (gi, p.device, p.dtype)
                 batch = batches.setdefault(key, _Batch(group=group, group_index=gi, backend=backend))
                 batch.params.append(p)
-                batch.states.append((gi, pi))
+                batch.positions.append(pi)
                 if self._sharding is None:
                     batch.grads.append(p.grad)
                 else:  # a DTensor's local shard; the contribution says who counts its entries
@@ -278,10 +279,9 @@ class GMTAdamW(torch.optim.Optimizer):
         return list(batches.values())
 
     def _init_state(self, batches: list[_Batch]) -> None:
-        """Resolve (group, position) into state dicts, creating torch.optim.AdamW's layout on first use."""
+        """The state dict of every parameter, created in torch.optim.AdamW's layout on first use."""
         for batch in batches:
-            resolved = []
-            for p, where in zip(batch.params, batch.states):
+            for p in batch.params:
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -291,8 +291,7 @@ class GMTAdamW(torch.optim.Optimizer):
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if state["step"].device != p.device:  # torch.optim.AdamW keeps it on the CPU
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-                resolved.append(state)
-            batch.states = resolved
+                batch.states.append(state)
 
     def _scopes(self, batches: list[_Batch]):
         """The scopes of this step, grouped by key format, and a record of each for mask_stats."""
@@ -302,7 +301,7 @@ class GMTAdamW(torch.optim.Optimizer):
         for batch in batches:
             gi = batch.group_index
             ratio = batch.group["mask_ratio"]
-            for i, (gi_pi, p) in enumerate(zip(batch.states, batch.params)):
+            for i, (pi, p) in enumerate(zip(batch.positions, batch.params)):
                 if ratio == 0:
                     unmasked[p.dtype].append((batch, i))
                     continue
@@ -312,7 +311,7 @@ class GMTAdamW(torch.optim.Optimizer):
                     name = f"group{gi}"
                 else:
                     pnames = batch.group.get("param_names")
-                    name = f"group{gi}.{pnames[gi_pi[1]] if pnames else gi_pi[1]}"
+                    name = f"group{gi}.{pnames[pi] if pnames else pi}"
                 names[name] = ratio
                 masked[name].append((batch, i))
 
