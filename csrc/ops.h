@@ -1,5 +1,6 @@
 // The two kernels of the C++ CPU backend (Backend.radix_histogram and Backend.masked_adamw of
-// gmt_kernels/backends/__init__.py, whose docstring is their contract), registered in ops.cpp.
+// gmt_kernels/backends/__init__.py, whose docstring is their contract), registered in ops.cpp for
+// the CPU key of the schemas in gmt_kernels/ops.py.
 #pragma once
 
 #include <ATen/ATen.h>

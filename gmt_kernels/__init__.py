@@ -5,6 +5,7 @@ top (1 - mask_ratio) fraction; magnitude_threshold selects that threshold over m
 concatenating them. The contract is SEMANTICS.md (see README.md).
 """
 
+from . import ops  # noqa: F401  (defines the torch.ops.gmt_kernels.* schemas the backends implement)
 from .backends import available_backends
 from .optimizer import GMTAdamW
 from .threshold import magnitude_threshold

@@ -187,7 +187,8 @@ class GMTAdamW(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "gmt"})
         if extra is not None:
             self.skipped_steps.copy_(extra["skipped_steps"])
-            self._last_stats = {name: dict(stats) for name, stats in extra["last_stats"].items()}
+            self._last_stats.clear()
+            self._last_stats.update({name: dict(stats) for name, stats in extra["last_stats"].items()})
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -217,7 +218,7 @@ class GMTAdamW(torch.optim.Optimizer):
 
         skip = None
         if self.nonfinite != "propagate" and selections:
-            nonfinite = sum(sel.nonfinite.sum() for sel in selections.values())
+            nonfinite = torch.stack([sel.nonfinite.sum() for sel in selections.values()]).sum()
             if self.nonfinite == "raise":
                 if nonfinite.item() > 0:
                     self._raise_nonfinite(batches)
@@ -236,7 +237,10 @@ class GMTAdamW(torch.optim.Optimizer):
             for state in batch.states:
                 steps_by_device[state["step"].device].append(state["step"])
         for device, steps in steps_by_device.items():
-            torch._foreach_add_(steps, 1 if skip is None else (~skip_on[device]).to(torch.float32))
+            if skip is None:
+                torch._foreach_add_(steps, 1)
+            else:  # a list of 0-d tensors, not one tensor "scalar": dynamo traces this overload
+                torch._foreach_add_(steps, [(~skip_on[device]).to(torch.float32)] * len(steps))
 
         kept_by_format = {fmt: torch.zeros(len(s), dtype=torch.int64, device=self._primary) for fmt, s in scopes.items()}
         for batch in batches:
@@ -438,7 +442,9 @@ class GMTAdamW(torch.optim.Optimizer):
             if grad_scale is not None:
                 threshold = threshold / grad_scale.to(threshold.device)
             stats[rec.name] = {"threshold": threshold, "kept": kept_by_format[rec.fmt][rec.row], "numel": rec.numel}
-        self._last_stats = stats
+        # In place: under torch.compile an attribute assignment on an Optimizer is dropped (pytorch#171590).
+        self._last_stats.clear()
+        self._last_stats.update(stats)
 
     def mask_stats(self) -> dict:
         """Per scope of the last step: {"threshold": float (in unscaled gradient units), "kept": int

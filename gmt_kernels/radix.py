@@ -14,8 +14,6 @@ plain torch on tiny [scopes, bins] tensors and stays on the device (no host sync
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
-from math import floor, ceil
 
 import torch
 
@@ -27,7 +25,7 @@ PREFIX, K_REMAINING, DONE = 0, 1, 2
 
 # SEMANTICS.md section 2 allows an approximate threshold e = ceil(0.005 N) ranks away from the k-th
 # largest. We promise ten times less: a radix pass ends the selection only once the chosen bin holds
-# at most ceil(0.0005 N) entries. Typical gradients get there after two 11-bit passes either way.
+# at most ceil(0.0005 N) entries. Typical gradients get there after two 11-bit passes or one 16-bit pass.
 APPROX_RANK_SLACK = 0.0005
 EXACT_BELOW = 1 << 16  # scopes smaller than this use the exact path even with threshold="approx"
 
@@ -42,27 +40,31 @@ class KeyFormat:
     key_bits: int  # bits below the (always clear) sign bit: exponent and mantissa
     mantissa_bits: int
 
-    @property
-    def passes(self) -> list[tuple[int, int]]:
-        """(shift, width) of each digit, most significant first: 11-bit digits, the last may be narrower."""
+    def digits(self, digit_bits: int = RADIX_BITS) -> list[tuple[int, int]]:
+        """(shift, width) of each pass, most significant first: `digit_bits`-wide digits, the last
+        may be narrower. Wider digits mean fewer passes and larger histograms."""
         out, top = [], self.key_bits
         while top > 0:
-            width = min(RADIX_BITS, top)
+            width = min(digit_bits, top)
             out.append((top - width, width))
             top -= width
         return out
 
     @property
+    def passes(self) -> list[tuple[int, int]]:
+        """The schedule of 11-bit digits, which every backend serves."""
+        return self.digits(RADIX_BITS)
+
+    @property
     def threshold_dtype(self) -> torch.dtype:
         return torch.float64 if self.float_dtype == torch.float64 else torch.float32
 
-    @property
-    def first_nonfinite_bin(self) -> int:
-        """Bins of the first pass at or above this one hold +-inf and NaN: the first digit always
-        contains the whole exponent field, and an all-ones exponent means non-finite."""
+    def first_nonfinite_bin(self, first_shift: int) -> int:
+        """Bins of the first pass (digit at `first_shift`) at or above this one hold +-inf and NaN:
+        a first digit of 11 bits or more contains the whole exponent field, and an all-ones
+        exponent means non-finite."""
         inf_key = ((1 << (self.key_bits - self.mantissa_bits)) - 1) << self.mantissa_bits
-        shift, _ = self.passes[0]
-        return inf_key >> shift
+        return inf_key >> first_shift
 
 
 KEY_FORMATS = {
@@ -102,14 +104,16 @@ def keys_to_threshold(prefix: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
 
 def kept_count(numel: int, mask_ratio: float) -> int:
     """k = N - floor(r * N), with r taken as the exact value of the Python float (no rounding of r*N)."""
-    return numel - floor(Fraction(mask_ratio) * numel)
+    num, den = float(mask_ratio).as_integer_ratio()  # exact, and traceable by torch.compile
+    return numel - (num * numel) // den
 
 
 def rank_slack(numel: int, exact: bool) -> int:
     """How far (in ranks) an approximate threshold may be from the k-th largest; 0 = exact."""
     if exact or numel < EXACT_BELOW:
         return 0
-    return ceil(Fraction(APPROX_RANK_SLACK) * numel)
+    num, den = APPROX_RANK_SLACK.as_integer_ratio()
+    return -((-num * numel) // den)
 
 
 def initial_state(ks: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ def select_thresholds(
     local_state = {dev: state if dev == primary else state.to(dev) for dev, _ in work}
 
     nonfinite = None
-    for pass_index, (shift, width) in enumerate(key_format.passes):
+    digit_bits = _digit_bits(len(scopes), [backend for backend, _, _ in work.values()], process_group)
+    for pass_index, (shift, width) in enumerate(key_format.digits(digit_bits)):
         hist = torch.zeros(len(scopes), 1 << width, dtype=torch.int64, device=primary)
         for (device, _), (backend, grads, rows) in work.items():
             part = hist if device == primary else torch.zeros_like(hist, device=device)
@@ -67,7 +68,7 @@ def select_thresholds(
         if process_group is not None:
             torch.distributed.all_reduce(hist, group=process_group)
         if pass_index == 0:
-            nonfinite = hist[:, key_format.first_nonfinite_bin :].sum(-1)
+            nonfinite = hist[:, key_format.first_nonfinite_bin(shift) :].sum(-1)
         radix.select_bins(hist, state, slack, shift)
         for device, copy in local_state.items():
             if copy is not state:
@@ -77,6 +78,23 @@ def select_thresholds(
     inf = torch.full_like(found, float("inf"))
     thresholds = torch.where(ks.to(primary, non_blocking=True) == 0, inf, found)
     return Selection(thresholds, nonfinite, key_format)
+
+
+# Wider digits than 11 bits (fewer passes) only while the histograms stay small: [scopes, 2**bits]
+# int64 on the primary device, summed across devices and, never wider than 11 bits, across ranks.
+WIDE_HISTOGRAM_BINS = 1 << 21
+
+
+def _digit_bits(num_scopes: int, backends: Sequence[Backend], process_group) -> int:
+    """The digit width of this selection: the widest every backend involved counts efficiently
+    (the C++ kernels count 16-bit digits about as fast as 11-bit ones, GPU kernels want 11), within the
+    histogram budget; 11 bits when histograms travel between ranks."""
+    bits = min([b.max_digit_bits for b in backends], default=radix.RADIX_BITS)
+    if process_group is not None:
+        bits = radix.RADIX_BITS
+    while bits > radix.RADIX_BITS and max(num_scopes, 1) << bits > WIDE_HISTOGRAM_BINS:
+        bits -= 1
+    return bits
 
 
 def magnitude_threshold(

@@ -48,6 +48,9 @@ class Backend:
     # Device types for which "auto" picks this backend. The Triton interpreter can serve CPU tensors,
     # but only for testing: "auto" takes triton for CUDA tensors and the C++ kernels for CPU ones.
     auto_devices: tuple[str, ...] = ()
+    # The widest radix digit its radix_histogram counts efficiently (>= 11: a first digit must hold
+    # the whole exponent). The pass loop takes the narrowest of the backends in a selection.
+    max_digit_bits: int = 11
 
 
 _REGISTRY: dict[str, Backend] = {}

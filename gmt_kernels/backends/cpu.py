@@ -1,4 +1,5 @@
-"""The C++ CPU backend: the kernels of csrc/, registered as torch.ops.gmt_kernels.* by gmt_kernels._C.
+"""The C++ CPU backend: the kernels of csrc/, registered by gmt_kernels._C for the CPU key of the
+operators gmt_kernels/ops.py defines (torch.ops.gmt_kernels.radix_histogram / masked_adamw).
 
 Importing this module fails (and "auto" falls back to the reference backend, saying why) when the
 extension was not built; backend="cpu" then raises with the same reason.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from . import Backend, register
 
 try:
-    from .. import _C  # noqa: F401  (registers torch.ops.gmt_kernels.* on import)
+    # After ops: its kernels are checked against the schemas when they register.
+    from .. import _C  # noqa: F401  (fills the CPU key of torch.ops.gmt_kernels.* on import)
 except ImportError as exc:
     raise ImportError(
         f"the C++ extension gmt_kernels._C is not built ({exc}). Build it from the repository root with "
@@ -39,11 +42,9 @@ def masked_adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip,
 ):
-    lr_is_tensor = isinstance(lr, torch.Tensor)
     _OPS.masked_adamw(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
-        lr=0.0 if lr_is_tensor else float(lr),
-        lr_tensor=lr if lr_is_tensor else None,
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
+        thresholds, kept, **ops.split_lr(lr),
         beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
         amsgrad=bool(amsgrad), maximize=bool(maximize), mask_mode=mask_mode,
         grad_scale=grad_scale, skip=skip,
@@ -57,5 +58,8 @@ register(
         radix_histogram=radix_histogram,
         masked_adamw=masked_adamw,
         auto_devices=("cpu",),
+        # 16-bit digits: fp32 keys in 2 passes, not 3. Per-thread 2**16-bin histograms count about as
+        # fast as 2**11-bin ones; 8 x 2^22 fp32, 2 cores: exact step 2.2x fused AdamW against 2.9x.
+        max_digit_bits=16,
     )
 )

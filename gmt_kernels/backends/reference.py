@@ -25,9 +25,12 @@ def radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width):
             keys = score_keys(flat[start : start + CHUNK], key_format)
             match = counting & ((keys >> hi) == prefix_hi)
             digit = (keys >> shift) & ((1 << width) - 1)
-            # Entries that do not match land in an extra bin that is dropped.
+            # Entries that do not match land in an extra bin that is dropped. (A fixed-size
+            # scatter_add, not bincount, whose data-dependent size torch.compile cannot trace.)
             binned = torch.where(match, digit, 1 << width)
-            hist[s] += torch.bincount(binned, minlength=(1 << width) + 1)[: 1 << width]
+            counts = torch.zeros((1 << width) + 1, dtype=torch.int64, device=hist.device)
+            counts.scatter_add_(0, binned, torch.ones_like(binned))
+            hist[s] += counts[: 1 << width]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -8,6 +8,11 @@ Serves float16, bfloat16, float32 and float64 tensors:
 Each call launches one kernel per (dtype, 16-byte alignment) of the tensors it gets, never one per
 tensor (see tables.py). Kernels: histogram.py, adamw.py; their compiled specialisations and
 register use: `python -m gmt_kernels.aot`.
+
+The kernels are reached through the operators of gmt_kernels/ops.py (so torch.compile sees one
+opaque op per call): on CUDA tensors the shared gmt_kernels::radix_histogram / masked_adamw, whose
+CUDA key this module fills; on CPU tensors (interpreter) gmt_kernels::triton_*, since the CPU key of
+the shared names belongs to the C++ kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from ... import ops
+from ...radix import KEY_FORMATS
 from .. import Backend, register
 from .. import reference
 from .adamw import launch_masked_adamw
@@ -53,12 +60,55 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return f"Triton kernels run on CUDA/ROCm devices (or CPU under TRITON_INTERPRET=1), not on {device.type}"
 
 
+def _ops_for(device: torch.device) -> tuple:
+    """(radix_histogram, masked_adamw) operators that run the Triton kernels on `device`."""
+    if device.type == "cpu":
+        return torch.ops.gmt_kernels.triton_radix_histogram, torch.ops.gmt_kernels.triton_masked_adamw
+    return torch.ops.gmt_kernels.radix_histogram, torch.ops.gmt_kernels.masked_adamw
+
+
 def radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width) -> None:
-    launch_histogram(grads, scope_of, state, hist, key_format=key_format, shift=shift, width=width)
+    histogram_op, _ = _ops_for(hist.device)
+    histogram_op(list(grads), list(scope_of), state, hist, key_format.name, shift, width)
 
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
                  lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip) -> None:
+    _, adamw_op = _ops_for(kept.device)
+    adamw_op(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
+        thresholds, kept, **ops.split_lr(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+        weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
+        mask_mode=mask_mode, grad_scale=grad_scale, skip=skip,
+    )
+
+
+# ---- the operator kernels ------------------------------------------------------------------------
+
+_KEY_FORMAT_BY_NAME = {fmt.name: fmt for fmt in KEY_FORMATS.values()}
+
+
+def _histogram_kernel(grads, scope_of, state, hist, key_format, shift, width) -> None:
+    fmt = _KEY_FORMAT_BY_NAME.get(key_format)
+    if fmt is None:
+        raise ValueError(
+            f"radix_histogram: unknown key_format {key_format!r}; expected one of "
+            f"{', '.join(map(repr, _KEY_FORMAT_BY_NAME))} (radix.key_format_for picks one)."
+        )
+    launch_histogram(grads, scope_of, state, hist, key_format=fmt, shift=shift, width=width)
+
+
+def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
+                         lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode,
+                         grad_scale, skip) -> None:
+    _launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
+                         lr=ops.joined_lr(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps,
+                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask_mode=mask_mode,
+                         grad_scale=grad_scale, skip=skip)
+
+
+def _launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
+                         lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip) -> None:
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                  maximize=maximize, mask_mode=mask_mode, grad_scale=grad_scale, skip=skip)
 
@@ -72,6 +122,13 @@ def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, t
 
     launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
                         fallback=one_tensor_by_reference, **hyper)
+
+
+_library = torch.library.Library(ops.NAMESPACE, "IMPL")
+for _name, _kernel in (("radix_histogram", _histogram_kernel), ("masked_adamw", _masked_adamw_kernel)):
+    _library.impl(_name, _kernel, "CUDA")  # the CPU key is the C++ backend's
+    _library.impl(f"triton_{_name}", _kernel, "CPU")  # CPU tensors: the Triton interpreter
+    _library.impl(f"triton_{_name}", _kernel, "CUDA")
 
 
 register(

@@ -1,0 +1,59 @@
+"""The operators of gmt_kernels: their schemas and fake (meta) implementations, defined in Python.
+
+The schemas live here rather than in C++ so that they exist without the C++ extension and without
+triton; the kernels register themselves for these names per device:
+
+    gmt_kernels::radix_histogram, gmt_kernels::masked_adamw
+        CPU:  the C++ kernels (csrc/ops.cpp, loaded by backends/cpu.py)
+        CUDA: the Triton kernels (backends/triton/__init__.py)
+    gmt_kernels::triton_radix_histogram, gmt_kernels::triton_masked_adamw
+        the Triton kernels on whatever device they get: CUDA, or CPU tensors under the Triton
+        interpreter (which the dispatcher cannot route through the CPU key the C++ kernels own).
+
+Arguments are Backend.radix_histogram / Backend.masked_adamw of backends/__init__.py, with the
+key format as its name and lr split in two: a float, or a 0-d tensor passed as lr_tensor (then lr is
+ignored), since a schema argument has one type. The mutation annotations (a!)..(e!) tell
+torch.compile which arguments change in place; the ops return nothing, so their fake
+implementations only have to exist for tracing to go through them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "gmt_kernels"
+
+RADIX_HISTOGRAM_SCHEMA = (
+    "(Tensor[] grads, int[] scope_of, Tensor state, Tensor(a!) hist, str key_format, int shift, int width) -> ()"
+)
+MASKED_ADAMW_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, Tensor thresholds, Tensor(e!) kept, *, float lr, "
+    "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+    "bool maximize, str mask_mode, Tensor? grad_scale, Tensor? skip) -> ()"
+)
+
+# FRAGMENT, not DEF: the C++ extension adds kernels to this namespace (TORCH_LIBRARY_IMPL).
+_library = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+OP_NAMES = ("radix_histogram", "masked_adamw", "triton_radix_histogram", "triton_masked_adamw")
+
+for _name in OP_NAMES:
+    _library.define(_name + (RADIX_HISTOGRAM_SCHEMA if _name.endswith("radix_histogram") else MASKED_ADAMW_SCHEMA))
+
+    # Every argument an op changes is an input, and it returns nothing: tracing needs no shapes.
+    @torch.library.register_fake(f"{NAMESPACE}::{_name}", lib=_library)
+    def _mutates_inputs_only(*args, **kwargs) -> None:
+        return None
+
+
+def split_lr(lr) -> dict:
+    """The (lr, lr_tensor) pair of the masked_adamw schemas for a float or 0-d tensor lr."""
+    if isinstance(lr, torch.Tensor):
+        return {"lr": 0.0, "lr_tensor": lr}
+    return {"lr": float(lr), "lr_tensor": None}
+
+
+def joined_lr(lr: float, lr_tensor):
+    """The lr a backend function takes, back from the schema's (lr, lr_tensor) pair."""
+    return lr if lr_tensor is None else lr_tensor
