@@ -419,6 +419,17 @@ def test_fsdp_exact_threshold_is_the_unsharded_kth_largest(world, backend):
     assert run["state_is_sharded"]
 
 
+def trained_in_one_process(backend):
+    """The parameters after the same training run (model, data, seed) in this process alone."""
+    model = make_model()
+    opt = GMTAdamW(model.parameters(), mask_ratio=0.7, threshold="exact", backend=backend, **HYPER)
+    for step in range(STEPS):
+        loss_of(model, *batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fsdp_exact_run_equals_single_process(world, backend):
     """Issue 6 item 3: parameters after an FSDP2 run equal the unsharded optimizer on the same
@@ -428,14 +439,8 @@ def test_fsdp_exact_run_equals_single_process(world, backend):
     assert_params_equal(run["params"], replayed)
     assert [s["global"] for s in stats] == [s["global"] for s in run["stats"]]
 
-    model = make_model()
-    opt = GMTAdamW(model.parameters(), mask_ratio=0.7, threshold="exact", backend=backend, **HYPER)
-    for step in range(STEPS):
-        loss_of(model, *batch(step)).backward()
-        opt.step()
-        opt.zero_grad()
     # Gradients differ from the sharded run's by summation order only (~1e-7 relative).
-    assert_params_equal(run["params"], {n: p.detach() for n, p in model.named_parameters()}, rtol=1e-4, atol=1e-5)
+    assert_params_equal(run["params"], trained_in_one_process(backend), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("scope", ["tensor", "group"])
@@ -482,13 +487,7 @@ def test_fsdp_communication_is_one_histogram_per_pass(world):
 def test_ddp_needs_no_communication_and_equals_single_process(world, backend):
     """Issue 6 item 1/3: replicated (DDP) gradients: no all-reduce in step(), same result everywhere."""
     size, _ = world
-    model = make_model()
-    opt = GMTAdamW(model.parameters(), mask_ratio=0.7, threshold="exact", backend=backend, **HYPER)
-    for step in range(STEPS):
-        loss_of(model, *batch(step)).backward()
-        opt.step()
-        opt.zero_grad()
-    expected = {n: p.detach() for n, p in model.named_parameters()}
+    expected = trained_in_one_process(backend)
     for rank in range(size):
         run = result(world, ("ddp", backend), rank)
         assert run["all_reduce_bytes"] == []
