@@ -459,7 +459,7 @@ def test_fsdp_per_tensor_and_per_group_scopes_span_the_whole_tensor(world, scope
 
 
 def test_fsdp_approx_threshold_within_semantics_bound(world):
-    """Issue 6 item 3 with threshold='approx': within SEMANTICS.md's rank bound of the unsharded
+    """Issue 6 item 3 with threshold='approx': within the promised rank bound (0.05 % of N) of the unsharded
     gradient, and the same threshold the unsharded approximate selection finds (same histograms)."""
     run = result(world, ("fsdp", "reference", "approx", "global"))
     names = scope_members(None, "global")["global"]
@@ -467,7 +467,7 @@ def test_fsdp_approx_threshold_within_semantics_bound(world):
         tensors = [grads[n] for n in names]
         numel = sum(t.numel() for t in tensors)
         assert numel >= 1 << 16  # the approximate path is really taken
-        k, slack = keep_count(numel, 0.7), math.ceil(0.005 * numel)
+        k, slack = keep_count(numel, 0.7), math.ceil(0.0005 * numel)  # the bound radix.py promises
         found = run["stats"][step]["global"]["threshold"]
         assert kth_largest(tensors, min(numel, k + slack)) <= found <= kth_largest(tensors, max(1, k - slack))
         assert found == magnitude_threshold(tensors, 0.7, exact=False, backend="reference").item()
