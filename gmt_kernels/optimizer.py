@@ -25,14 +25,6 @@ def _check_choice(kind: str, value, choices, hint: str) -> None:
         raise ValueError(f"Unknown {kind} {value!r}. Possible values: {', '.join(map(repr, choices))}. {hint}")
 
 
-def _check_mask_ratio(mask_ratio) -> None:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio <= 1.0:
-        raise ValueError(
-            f"Invalid mask_ratio value: {mask_ratio!r}. mask_ratio is the fraction of entries NOT "
-            "updated at each step, a number in [0, 1] (0 = plain AdamW, 0.99 = update 1 %)."
-        )
-
-
 def _check_adamw_hyperparameters(lr, betas, eps, weight_decay) -> None:
     """The checks of torch.optim.AdamW, with its messages."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -121,10 +113,10 @@ class GMTAdamW(torch.optim.Optimizer):
         process_group=None,
     ) -> None:
         _check_adamw_hyperparameters(lr, betas, eps, weight_decay)
-        _check_mask_ratio(mask_ratio)
+        radix.check_mask_ratio(mask_ratio)
         _check_choice("scope", scope, SCOPES, "It says which entries share one threshold.")
         _check_choice("mask_mode", mask_mode, MASK_MODES, "See SEMANTICS.md section 3.")
-        _check_choice("threshold", threshold, THRESHOLDS, "'exact' is the k-th largest score; 'approx' is within 0.5 % in rank.")
+        _check_choice("threshold", threshold, THRESHOLDS, "'exact' is the k-th largest score; 'approx' is within 0.05 % of N in rank.")
         _check_choice("nonfinite", nonfinite, NONFINITE, "It says what a NaN or inf gradient does to the step.")
         check_backend_name(backend)
         self.process_group = process_group
@@ -149,7 +141,7 @@ class GMTAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_adamw_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
-        _check_mask_ratio(merged["mask_ratio"])
+        radix.check_mask_ratio(merged["mask_ratio"])
         if self.scope == "global" and merged["mask_ratio"] > 0:
             others = {g["mask_ratio"] for g in self.param_groups if g["mask_ratio"] > 0}
             if others and others != {merged["mask_ratio"]}:

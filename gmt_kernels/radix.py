@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 RADIX_BITS = 11
-NUM_BINS = 1 << RADIX_BITS
 
 # Columns of the per-scope state tensor (int64 [scopes, 3]).
 PREFIX, K_REMAINING, DONE = 0, 1, 2
@@ -100,6 +99,14 @@ def score_keys(grad: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
 def keys_to_threshold(prefix: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
     """The score whose key is `prefix`, in fmt.threshold_dtype (exact)."""
     return prefix.to(fmt.int_dtype).view(fmt.float_dtype).to(fmt.threshold_dtype)
+
+
+def check_mask_ratio(mask_ratio) -> None:
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio <= 1.0:
+        raise ValueError(
+            f"Invalid mask_ratio value: {mask_ratio!r}. mask_ratio is the fraction of entries NOT "
+            "updated at each step, a number in [0, 1] (0 = plain AdamW, 0.99 = update 1 %)."
+        )
 
 
 def kept_count(numel: int, mask_ratio: float) -> int:

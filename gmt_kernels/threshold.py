@@ -113,8 +113,7 @@ def magnitude_threshold(
     host synchronisation, no copy of the inputs: extra memory is a few histograms.
     """
     tensors = list(tensors)
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio <= 1.0:
-        raise ValueError(f"Invalid mask_ratio: {mask_ratio!r}. It is the fraction of entries masked, in [0, 1].")
+    radix.check_mask_ratio(mask_ratio)
     if not tensors:
         raise ValueError("magnitude_threshold needs at least one tensor to select over; got none.")
     for t in tensors:

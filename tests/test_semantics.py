@@ -619,3 +619,9 @@ def test_backend_refuses_tensors_of_another_device(name, device):
 
     with pytest.raises(RuntimeError, match=rf"backend '{name}' cannot serve torch.float32 tensors on {device}"):
         resolve(name, torch.device(device), torch.float32)
+
+
+@pytest.mark.parametrize("mask_ratio", [-0.1, 1.5, True, "0.3"])
+def test_magnitude_threshold_refuses_bad_mask_ratio(mask_ratio):
+    with pytest.raises(ValueError, match=r"Invalid mask_ratio value: .* a number in \[0, 1\]"):
+        magnitude_threshold([torch.randn(4)], mask_ratio, backend="reference")
