@@ -5,7 +5,7 @@
 Times (median of --steps after warm-up, interleaved round by round so that machine noise hits all
 contenders alike): torch.optim.AdamW(fused=True), GMTAdamW(backend="cpu") approx and exact,
 magnitude_threshold(exact=True) against torch.kthvalue over the concatenated |g|, then each part
-of a GMT step on its own (histogram passes, select_bins, masked update), then the peak-RSS growth
+of a GMT step on its own (histogram passes, radix_select, masked update), then the peak-RSS growth
 of GMT steps measured in a fresh subprocess. Prints a markdown table.
 """
 
@@ -54,31 +54,35 @@ def interleaved(contenders: dict, steps: int, warmup: int = 2) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def breakdown(params, mask_ratio, steps):
-    """Each part of a GMT step alone: the histogram of every pass, select_bins, the update."""
+def breakdown(params, mask_ratio, steps, exact):
+    """Each part of a GMT step alone: every histogram pass (with the state it sees), the select
+    steps, the update."""
     backend = resolve("cpu", torch.device("cpu"), torch.float32)
     grads = [p.grad for p in params]
     fmt = radix.KEY_FORMATS[torch.float32]
     numel = sum(g.numel() for g in grads)
-    ks = torch.tensor([radix.kept_count(numel, mask_ratio)])
-    slack = torch.tensor([0])
-    state = radix.initial_state(ks)
-    parts = {}
-    for index, (shift, width) in enumerate(fmt.passes):
-        hist = torch.zeros(1, 1 << width, dtype=torch.int64)
-        frozen = state.clone()
+    state = radix.initial_state([radix.kept_count(numel, mask_ratio)], [numel], [radix.rank_slack(numel, exact)], fmt)
+    select = torch.ops.gmt_kernels.radix_select
+    parts, hist = {}, torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
+    for index in range(radix.max_passes(fmt, [numel])):
+        seen = state.clone()
+        if seen[0, radix.DONE]:
+            label = "finished: reads nothing"
+        elif seen[0, radix.SAMPLE]:
+            label = f"sample of 1/{1 << int(seen[0, radix.SAMPLE])} of the blocks"
+        else:
+            inside = f"{int(seen[0, radix.LAST] - seen[0, radix.LO]) + 1} keys"
+            label = f"full pass, interval of {inside}"
 
-        def one_pass():
+        def one_pass(seen=seen):
             hist.zero_()
-            backend.radix_histogram(grads, [0] * len(grads), frozen, hist, key_format=fmt, shift=shift, width=width)
+            backend.radix_histogram(grads, [0] * len(grads), seen, hist, key_format=fmt)
 
-        parts[f"histogram pass {index + 1} (shift {shift}, width {width})"] = one_pass
+        parts[f"histogram pass {index + 1} ({label})"] = one_pass
         one_pass()
-        parts[f"select_bins after pass {index + 1}"] = lambda h=hist.clone(), s=state.clone(), sh=shift: radix.select_bins(
-            h, s.clone(), slack, sh
-        )
-        radix.select_bins(hist, state, slack, shift)
-    threshold = radix.keys_to_threshold(state[:, radix.PREFIX], fmt).expand(len(params)).contiguous()
+        parts[f"radix_select after pass {index + 1}"] = lambda h=hist.clone(), s=seen: select(h, s.clone(), fmt.key_bits)
+        select(hist, state, fmt.key_bits)
+    threshold = radix.keys_to_threshold(radix.result_keys(state), fmt).expand(len(params)).contiguous()
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     steps_t = [torch.tensor(1.0) for _ in params]
     kept = torch.zeros(len(params), dtype=torch.int64)
@@ -91,6 +95,7 @@ def breakdown(params, mask_ratio, steps):
         )
 
     parts["masked_adamw (update pass)"] = update
+    parts["torch.sum over every g (one read of g, for scale)"] = lambda: [g.sum() for g in grads]
     return interleaved(parts, steps)
 
 
@@ -152,9 +157,10 @@ def main():
             ratio, target = f"{t / base:.2f} x fused", targets.get(name, "")
         print(f"| {name} | {t * 1e3:.1f} | {ratio} | {target} |")
 
-    print("\n| part of a GMT step (exact) | ms |\n|---|---:|")
-    for name, t in breakdown(fused_params, args.mask_ratio, args.steps).items():
-        print(f"| {name} | {t * 1e3:.2f} |")
+    for exact in (False, True):
+        print(f"\n| part of a GMT step ({'exact' if exact else 'approx'}) | ms |\n|---|---:|")
+        for name, t in breakdown(fused_params, args.mask_ratio, args.steps, exact).items():
+            print(f"| {name} | {t * 1e3:.2f} |")
 
     print("\n| peak RSS growth over 5 steps after the state exists | MiB |\n|---|---:|")
     for threshold in ("approx", "exact"):

@@ -10,4 +10,5 @@
 TORCH_LIBRARY_IMPL(gmt_kernels, CPU, m) {
   m.impl("radix_histogram", &gmt::radix_histogram_cpu);
   m.impl("masked_adamw", &gmt::masked_adamw_cpu);
+  m.impl("radix_select", &gmt::radix_select_cpu);
 }

@@ -1,6 +1,7 @@
 // The two kernels of the C++ CPU backend (Backend.radix_histogram and Backend.masked_adamw of
-// gmt_kernels/backends/__init__.py, whose docstring is their contract), registered in ops.cpp for
-// the CPU key of the schemas in gmt_kernels/ops.py.
+// gmt_kernels/backends/__init__.py, whose docstring is their contract) and the CPU copy of the pass
+// loop's select step (radix.select_bins), registered in ops.cpp for the CPU key of the schemas in
+// gmt_kernels/ops.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,7 +11,9 @@
 namespace gmt {
 
 void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const at::Tensor& state,
-                         const at::Tensor& hist, c10::string_view key_format, int64_t shift, int64_t width);
+                         const at::Tensor& hist, c10::string_view key_format);
+
+void radix_select_cpu(const at::Tensor& hist, const at::Tensor& state, int64_t key_bits);
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,

@@ -1,23 +1,35 @@
-// Backend.radix_histogram for CPU tensors: one radix-select pass over all gradients of all scopes.
+// Backend.radix_histogram for CPU tensors: one histogram pass over all gradients of all scopes.
 //
 // Each thread counts its range of the flattened gradients into private 32-bit histograms that live
 // in L1, and adds them into the shared int64 histogram only when its range moves on to another
 // scope: extra memory is threads x bins, whatever the number of entries.
+//
+// Most passes histogram a narrow interval of keys (a sampled bracket, then one bin of it), so most
+// entries only raise the ABOVE counter or nothing. The work is then reading the gradient: with
+// AVX-512 each 16 keys are compared and the digits of those in the interval compressed into a
+// small buffer, which is counted when full; without it, blocks of 64 keys are tested by vector code
+// and counted one by one only if one of them is in the interval.
 #include "ops.h"
+#include "radix.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdlib>
 #include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GMT_HAVE_AVX512_PATH 1
+#define GMT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
+#endif
 
 namespace gmt {
 namespace {
 
-struct KeyFormat {
-  const char* name;
-  int key_bits;
-};
-constexpr KeyFormat kFormats[] = {{"f16", 15}, {"bf16", 15}, {"f32", 31}, {"f64", 63}};
+using radix::kAbove;
+using radix::kBins;
+using radix::kNonfinite;
 
 template <class To, class From>
 inline To bit_cast(From from) {
@@ -62,101 +74,235 @@ struct KeyBFloat16InF64 {
   }
 };
 
-struct Digit {
+// One scope's interval in this pass (state columns LO, LAST, SHIFT) and its format's inf key.
+struct Interval {
+  uint64_t lo, last, inf_key;
   int shift;
-  int hi;              // shift + width: bits at and above it must equal the scope's prefix
-  uint64_t mask;       // bins - 1
-  int64_t bins;
+  bool whole;  // the whole key range in bins of the first pass: every entry has a bin
 };
 
-// Private counts of one thread. Several interleaved copies of the histogram let consecutive equal
-// digits (common: gradients crowd into a few exponents) increment different memory words, so the
-// loop is not serialised on store-to-load forwarding of one counter. Each copy has one extra
-// "no match" bin, so that later passes count without a data-dependent branch.
-class LocalHistogram {
+// Private counts of one thread. Interleaved copies of the histogram let consecutive equal digits
+// (common in a first pass: gradients crowd into a few exponents) increment different memory words,
+// so the loop is not serialised on store-to-load forwarding of one counter; two copies of 4096
+// bins fill L1. Each copy has one extra
+// "no match" bin, so that entries outside the interval are counted without a branch.
+class LocalCounts {
  public:
-  LocalHistogram(int64_t bins, int copies) : stride_(bins + 1), copies_(copies), counts_(stride_ * copies, 0) {}
-  uint32_t* copy(int c) { return counts_.data() + (c % copies_) * stride_; }
-  int64_t no_match_bin() const { return stride_ - 1; }
+  static constexpr int kCopies = 2;
+  static constexpr int64_t kStride = kBins + 1, kNoMatch = kBins;
+  LocalCounts() : counts_(kStride * kCopies, 0) {}
+  uint32_t* copy(int c) { return counts_.data() + (c % kCopies) * kStride; }  // c = 0..3
+  int64_t above = 0, nonfinite = 0;
 
   // Adds the counts into row `scope` of the shared histogram and clears them.
   void flush_into(int64_t* shared_row) {
-    for (int64_t b = 0; b + 1 < stride_; ++b) {
+    for (int64_t b = 0; b < kBins; ++b) {
       uint64_t sum = 0;
-      for (int c = 0; c < copies_; ++c) sum += counts_[c * stride_ + b];
+      for (int c = 0; c < kCopies; ++c) sum += counts_[c * kStride + b];
       if (sum) atomic_add(shared_row + b, int64_t(sum));
     }
+    if (above) atomic_add(shared_row + kAbove, above);
+    if (nonfinite) atomic_add(shared_row + kNonfinite, nonfinite);
     std::fill(counts_.begin(), counts_.end(), 0u);
+    above = nonfinite = 0;
   }
 
  private:
-  int64_t stride_;
-  int copies_;
   std::vector<uint32_t> counts_;
 };
 
+// The first pass of a scope: every key has a bin, key >> shift.
 template <class Bits, class KeyFn>
-__attribute__((always_inline)) inline void count_all(const Bits* x, int64_t n, KeyFn key, const Digit& d, LocalHistogram& local) {
+__attribute__((always_inline)) inline void count_whole(const Bits* x, int64_t n, KeyFn key, const Interval& iv,
+                                                       LocalCounts& local) {
+  using Key = decltype(key(Bits{}));
   uint32_t *h0 = local.copy(0), *h1 = local.copy(1), *h2 = local.copy(2), *h3 = local.copy(3);
-  int64_t i = 0;
+  const int shift = iv.shift;
+  const Key inf = Key(iv.inf_key);
+  int64_t nonfinite = 0, i = 0;
   for (; i + 4 <= n; i += 4) {
-    ++h0[(key(x[i]) >> d.shift) & d.mask];
-    ++h1[(key(x[i + 1]) >> d.shift) & d.mask];
-    ++h2[(key(x[i + 2]) >> d.shift) & d.mask];
-    ++h3[(key(x[i + 3]) >> d.shift) & d.mask];
+    const Key k0 = key(x[i]), k1 = key(x[i + 1]), k2 = key(x[i + 2]), k3 = key(x[i + 3]);
+    ++h0[k0 >> shift];
+    ++h1[k1 >> shift];
+    ++h2[k2 >> shift];
+    ++h3[k3 >> shift];
+    nonfinite += int(k0 >= inf) + int(k1 >= inf) + int(k2 >= inf) + int(k3 >= inf);
   }
-  for (; i < n; ++i) ++h0[(key(x[i]) >> d.shift) & d.mask];
+  for (; i < n; ++i) {
+    const Key k = key(x[i]);
+    ++h0[k >> shift];
+    nonfinite += k >= inf;
+  }
+  local.nonfinite += nonfinite;
 }
 
-// Later passes: only entries under the chosen prefix count (a few percent after the first pass,
-// a few in a million after the second). A vectorised test skips blocks without a match; blocks
-// with one are counted without branching on each entry (matches are too frequent and random in
-// the second pass for a branch to predict), non-matching entries landing in the no-match bin.
-template <class Bits, class KeyFn, class Key>
-__attribute__((always_inline)) inline void count_matching(const Bits* x, int64_t n, KeyFn key, const Digit& d,
-                                                          Key prefix_hi, LocalHistogram& local) {
-  constexpr int64_t kBlock = 32;
+// Any interval, portable: blocks of keys are tested by (auto-vectorised) code, and counted entry
+// by entry, without branching on each, only when one of them falls in the interval.
+template <class Bits, class KeyFn>
+__attribute__((always_inline)) inline void count_interval(const Bits* x, int64_t n, KeyFn key, const Interval& iv,
+                                                          LocalCounts& local) {
+  using Key = decltype(key(Bits{}));
+  constexpr int64_t kBlock = 64;
   uint32_t *h0 = local.copy(0), *h1 = local.copy(1), *h2 = local.copy(2), *h3 = local.copy(3);
-  const int hi = d.hi, shift = d.shift;
-  const uint64_t mask = d.mask, no_match = uint64_t(local.no_match_bin());
-  auto bin = [&](Bits bits) {
-    const Key k = key(bits);
-    return (k >> hi) == prefix_hi ? uint64_t(k >> shift) & mask : no_match;
+  // key - lo <= span as unsigned numbers: below LO wraps around to a value above any span.
+  const Key lo = Key(iv.lo), span = Key(iv.last - iv.lo), last = Key(iv.last), inf = Key(iv.inf_key);
+  const int shift = iv.shift;
+  auto bin = [&](Key k) -> uint64_t {
+    const Key d = Key(k - lo);
+    return d <= span ? uint64_t(d >> shift) : uint64_t(LocalCounts::kNoMatch);
   };
-  int64_t i = 0;
+  int64_t above = 0, nonfinite = 0, i = 0;
   for (; i + kBlock <= n; i += kBlock) {
-    uint32_t matches = 0;
-    for (int64_t j = 0; j < kBlock; ++j) matches += (Key(key(x[i + j])) >> hi) == prefix_hi;
-    if (matches == 0) continue;
+    uint32_t inside = 0, up = 0, bad = 0;
+    for (int64_t j = i; j < i + kBlock; ++j) {
+      const Key k = key(x[j]);
+      inside += Key(k - lo) <= span;
+      up += k > last;
+      bad += k >= inf;
+    }
+    above += up;
+    nonfinite += bad;
+    if (inside == 0) continue;
     for (int64_t j = i; j < i + kBlock; j += 4) {
-      ++h0[bin(x[j])];
-      ++h1[bin(x[j + 1])];
-      ++h2[bin(x[j + 2])];
-      ++h3[bin(x[j + 3])];
+      ++h0[bin(key(x[j]))];
+      ++h1[bin(key(x[j + 1]))];
+      ++h2[bin(key(x[j + 2]))];
+      ++h3[bin(key(x[j + 3]))];
     }
   }
-  for (; i < n; ++i) ++h0[bin(x[i])];
+  for (; i < n; ++i) {
+    const Key k = key(x[i]);
+    above += k > last;
+    nonfinite += k >= inf;
+    ++h0[bin(k)];
+  }
+  local.above += above;
+  local.nonfinite += nonfinite;
 }
 
-template <class Bits, class KeyFn>
-__attribute__((always_inline)) inline void count_piece(const void* data, int64_t first, int64_t last, KeyFn key, const Digit& d, int key_bits,
-                 uint64_t prefix, LocalHistogram& local) {
-  using Key = decltype(key(Bits{}));
-  const Bits* x = static_cast<const Bits*>(data) + first;
-  if (d.hi >= key_bits) {  // first pass: every entry is under the empty prefix
-    count_all(x, last - first, key, d, local);
+#ifdef GMT_HAVE_AVX512_PATH
+// The 32-bit key formats that the AVX-512 path loads 16 at a time.
+enum class Keys32 { kFloat, kSameWidth16, kBFloat16InF32, kHalfInF32, kNone };
+
+template <Keys32 KIND>
+GMT_AVX512 inline __m512i load_keys(const void* data, int64_t i, __mmask16 valid) {
+  if constexpr (KIND == Keys32::kFloat) {
+    const __m512i bits = _mm512_maskz_loadu_epi32(valid, static_cast<const uint32_t*>(data) + i);
+    return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
   } else {
-    count_matching(x, last - first, key, d, Key(prefix >> d.hi), local);
+    const __m256i half = _mm256_maskz_loadu_epi16(valid, static_cast<const uint16_t*>(data) + i);
+    if constexpr (KIND == Keys32::kHalfInF32) {  // exact for denormals: VCVTPH2PS ignores DAZ
+      return _mm512_and_si512(_mm512_castps_si512(_mm512_cvtph_ps(half)), _mm512_set1_epi32(0x7fffffff));
+    }
+    const __m512i bits = _mm512_and_si512(_mm512_cvtepu16_epi32(half), _mm512_set1_epi32(0x7fff));
+    if constexpr (KIND == Keys32::kBFloat16InF32) return _mm512_slli_epi32(bits, 16);
+    return bits;
   }
 }
 
-// Calls count_piece with the key function for (gradient dtype, key format). Compiled per ISA: the
-// block test of later passes is vector code.
-GMT_MULTIVERSION void count_tensor_piece(at::ScalarType dtype, const std::string& format, const void* data,
-                                         int64_t first, int64_t last, const Digit& d, int key_bits,
-                                         uint64_t prefix, LocalHistogram& local) {
+// Loads 16 keys at i (lanes past n masked off), updates the counters, and appends the digits of the
+// keys inside the interval to `buffer` at `fill` (compressed into a register, then a plain store:
+// a compressing store to memory is slow on Zen 4). Returns how many it appended.
+template <Keys32 KIND>
+GMT_AVX512 inline int count16(const void* data, int64_t i, int64_t n, __m512i lo, __m512i span, __m512i last,
+                              __m512i inf, __m128i shift, __m512i& above, __m512i& nonfinite, uint32_t* buffer) {
+  const __mmask16 valid = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+  const __m512i key = load_keys<KIND>(data, i, valid);
+  const __m512i offset = _mm512_sub_epi32(key, lo);
+  const __mmask16 inside = _mm512_mask_cmple_epu32_mask(valid, offset, span);
+  const __m512i one = _mm512_set1_epi32(1);
+  above = _mm512_mask_add_epi32(above, _mm512_mask_cmpgt_epu32_mask(valid, key, last), above, one);
+  nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_mask_cmpge_epu32_mask(valid, key, inf), nonfinite, one);
+  _mm512_storeu_si512(buffer, _mm512_maskz_compress_epi32(inside, _mm512_srl_epi32(offset, shift)));
+  return _mm_popcnt_u32(inside);
+}
+
+// The range is read as kStreams interleaved streams, each with its own buffer: one core then has
+// several sequential reads in flight (a single stream leaves memory bandwidth unused), and each
+// buffer's fill count (compress, popcount, add: a dependency chain) advances independently.
+template <Keys32 KIND>
+GMT_AVX512 void count_interval_avx512(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  const __m512i lo = _mm512_set1_epi32(int32_t(iv.lo)), span = _mm512_set1_epi32(int32_t(iv.last - iv.lo));
+  const __m512i last = _mm512_set1_epi32(int32_t(iv.last)), inf = _mm512_set1_epi32(int32_t(iv.inf_key));
+  const __m128i shift = _mm_cvtsi32_si128(iv.shift);
+  __m512i above = _mm512_setzero_si512(), nonfinite = _mm512_setzero_si512();
+  constexpr int kStreams = 4, kBuffer = 256;
+  alignas(64) uint32_t buffers[kStreams][kBuffer + 16];
+  int fill[kStreams] = {};
+  uint32_t* counts = local.copy(0);
+  auto drain = [counts](const uint32_t* buffer, int& filled) {
+    for (int j = 0; j < filled; ++j) ++counts[buffer[j]];
+    filled = 0;
+  };
+  // Stream s covers [s * part, (s + 1) * part) of the range, the last one the remainder too.
+  const int64_t part = (n / kStreams) & ~int64_t(15);
+  for (int64_t i = 0; i < part; i += 16) {
+#pragma GCC unroll 4
+    for (int s = 0; s < kStreams; ++s) {
+      fill[s] += count16<KIND>(data, s * part + i, n, lo, span, last, inf, shift, above, nonfinite,
+                               buffers[s] + fill[s]);
+      if (fill[s] >= kBuffer) drain(buffers[s], fill[s]);
+    }
+  }
+  for (int64_t i = kStreams * part; i < n; i += 16) {
+    fill[0] += count16<KIND>(data, i, n, lo, span, last, inf, shift, above, nonfinite, buffers[0] + fill[0]);
+    if (fill[0] >= kBuffer) drain(buffers[0], fill[0]);
+  }
+  for (int s = 0; s < kStreams; ++s) drain(buffers[s], fill[s]);
+  // Per-lane counts: n < 2^36 entries per call (callers pass at most 2^30), so no lane wraps.
+  local.above += _mm512_reduce_add_epi32(above);
+  local.nonfinite += _mm512_reduce_add_epi32(nonfinite);
+}
+
+bool avx512_usable() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const char* off = std::getenv("GMT_KERNELS_NO_AVX512");  // read per call: tests run both paths
+  return supported && !(off && off[0] == '1');
+}
+
+Keys32 keys32_kind(at::ScalarType dtype, const std::string& format) {
   using at::ScalarType;
-#define GMT_COUNT(BITS, KEY) return count_piece<BITS>(data, first, last, KEY{}, d, key_bits, prefix, local)
+  if (format == "f32") {
+    if (dtype == ScalarType::Float) return Keys32::kFloat;
+    if (dtype == ScalarType::BFloat16) return Keys32::kBFloat16InF32;
+    if (dtype == ScalarType::Half) return Keys32::kHalfInF32;
+  }
+  if ((format == "f16" && dtype == ScalarType::Half) || (format == "bf16" && dtype == ScalarType::BFloat16)) {
+    return Keys32::kSameWidth16;
+  }
+  return Keys32::kNone;
+}
+
+void count_interval_avx512(Keys32 kind, const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  switch (kind) {
+    case Keys32::kFloat: return count_interval_avx512<Keys32::kFloat>(data, n, iv, local);
+    case Keys32::kSameWidth16: return count_interval_avx512<Keys32::kSameWidth16>(data, n, iv, local);
+    case Keys32::kBFloat16InF32: return count_interval_avx512<Keys32::kBFloat16InF32>(data, n, iv, local);
+    case Keys32::kHalfInF32: return count_interval_avx512<Keys32::kHalfInF32>(data, n, iv, local);
+    case Keys32::kNone: break;
+  }
+  TORCH_CHECK(false, "unreachable: no AVX-512 key loader for this dtype/format pair");
+}
+#endif
+
+template <class Bits, class KeyFn>
+__attribute__((always_inline)) inline void count_span(const void* data, int64_t first, int64_t last, KeyFn key,
+                                                      const Interval& iv, LocalCounts& local) {
+  const Bits* x = static_cast<const Bits*>(data) + first;
+  if (iv.whole) {
+    count_whole(x, last - first, key, iv, local);
+  } else {
+    count_interval(x, last - first, key, iv, local);
+  }
+}
+
+// Calls count_span with the key function for (gradient dtype, key format). Compiled per ISA: the
+// block tests are vector code.
+GMT_MULTIVERSION void count_span_portable(at::ScalarType dtype, const std::string& format, const void* data,
+                                          int64_t first, int64_t last, const Interval& iv, LocalCounts& local) {
+  using at::ScalarType;
+#define GMT_COUNT(BITS, KEY) return count_span<BITS>(data, first, last, KEY{}, iv, local)
   if (format == "f32") {
     if (dtype == ScalarType::Float) GMT_COUNT(uint32_t, KeySameWidth32);
     if (dtype == ScalarType::BFloat16) GMT_COUNT(uint16_t, KeyBFloat16InF32);
@@ -175,6 +321,33 @@ GMT_MULTIVERSION void count_tensor_piece(at::ScalarType dtype, const std::string
   TORCH_CHECK(false, "unreachable: dtype/format pair was validated");
 }
 
+void count_span_any(at::ScalarType dtype, const std::string& format, const void* data, int64_t first, int64_t last,
+                    const Interval& iv, LocalCounts& local) {
+#ifdef GMT_HAVE_AVX512_PATH
+  if (!iv.whole && avx512_usable()) {
+    const Keys32 kind = keys32_kind(dtype, format);
+    if (kind != Keys32::kNone) {
+      const char* base = static_cast<const char*>(data) + first * at::elementSize(dtype);
+      return count_interval_avx512(kind, base, last - first, iv, local);
+    }
+  }
+#endif
+  count_span_portable(dtype, format, data, first, last, iv, local);
+}
+
+// Entries [first, last) of one tensor (index `tensor_index` in the call), or only those of its
+// sampled blocks when sample_log2 > 0.
+void count_piece(at::ScalarType dtype, const std::string& format, const void* data, int64_t first, int64_t last,
+                 const Interval& iv, int64_t sample_log2, uint64_t tensor_index, LocalCounts& local) {
+  if (sample_log2 == 0) return count_span_any(dtype, format, data, first, last, iv, local);
+  constexpr int64_t kBlock = radix::kSampleBlock;
+  for (int64_t block = first / kBlock; block * kBlock < last; ++block) {
+    if (!radix::sampled_block(uint64_t(block), tensor_index, sample_log2)) continue;
+    count_span_any(dtype, format, data, std::max(first, block * kBlock), std::min(last, (block + 1) * kBlock), iv,
+                   local);
+  }
+}
+
 bool format_holds(const std::string& format, at::ScalarType dtype) {
   using at::ScalarType;
   if (format == "f64") return at::isFloatingType(dtype) && at::elementSize(dtype) <= 8;
@@ -187,32 +360,42 @@ bool format_holds(const std::string& format, at::ScalarType dtype) {
 }  // namespace
 
 void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const at::Tensor& state,
-                         const at::Tensor& hist, c10::string_view key_format, int64_t shift, int64_t width) {
+                         const at::Tensor& hist, c10::string_view key_format) {
+  using namespace radix;
   const std::string format(key_format.data(), key_format.size());
-  int key_bits = -1;
-  for (const auto& f : kFormats) key_bits = format == f.name ? f.key_bits : key_bits;
-  TORCH_CHECK(key_bits > 0, "gmt_kernels::radix_histogram: unknown key_format '", format,
+  const KeyFormat* fmt = find_format(format);
+  TORCH_CHECK(fmt != nullptr, "gmt_kernels::radix_histogram: unknown key_format '", format,
               "'; expected one of f16, bf16, f32, f64 (radix.KEY_FORMATS).");
-  TORCH_CHECK(width >= 1 && width <= 20 && shift >= 0 && shift + width <= key_bits,
-              "gmt_kernels::radix_histogram: digit (shift=", shift, ", width=", width, ") does not fit the ",
-              key_bits, "-bit keys of format ", format, "; widths 1..20 with shift + width <= ", key_bits,
-              " are supported.");
   TORCH_CHECK(state.device().is_cpu() && state.scalar_type() == at::kLong && state.dim() == 2 &&
-                  state.size(1) == 3 && state.is_contiguous(),
-              "gmt_kernels::radix_histogram: state must be a contiguous int64 CPU tensor [scopes, 3]; got ",
-              state.scalar_type(), " ", state.sizes(), " on ", state.device(), ".");
-  const int64_t scopes = state.size(0), bins = int64_t(1) << width;
+                  state.size(1) == kStateColumns && state.is_contiguous(),
+              "gmt_kernels::radix_histogram: state must be a contiguous int64 CPU tensor [scopes, ", int64_t(kStateColumns),
+              "] (radix.initial_state); got ", state.scalar_type(), " ", state.sizes(), " on ", state.device(), ".");
+  const int64_t scopes = state.size(0);
   TORCH_CHECK(hist.device().is_cpu() && hist.scalar_type() == at::kLong && hist.is_contiguous() &&
-                  hist.dim() == 2 && hist.size(0) == scopes && hist.size(1) == bins,
-              "gmt_kernels::radix_histogram: hist must be a contiguous int64 CPU tensor [", scopes, ", ", bins,
-              "] (scopes x 2**width); got ", hist.scalar_type(), " ", hist.sizes(), " on ", hist.device(), ".");
+                  hist.dim() == 2 && hist.size(0) == scopes && hist.size(1) == kHistColumns,
+              "gmt_kernels::radix_histogram: hist must be a contiguous int64 CPU tensor [", scopes, ", ", kHistColumns,
+              "] (scopes x radix.HIST_COLUMNS); got ", hist.scalar_type(), " ", hist.sizes(), " on ", hist.device(), ".");
   TORCH_CHECK(int64_t(scope_of.size()) == int64_t(grads.size()),
               "gmt_kernels::radix_histogram: scope_of has ", scope_of.size(), " entries for ", grads.size(),
               " gradients; it needs one scope row per gradient.");
 
   const int64_t* st = state.data_ptr<int64_t>();
+  std::vector<Interval> intervals(scopes);
+  for (int64_t s = 0; s < scopes; ++s) {
+    const int64_t* row = st + s * kStateColumns;
+    if (row[DONE] != 0) continue;
+    TORCH_CHECK(row[LO] >= 0 && row[LO] <= row[LAST] && uint64_t(row[LAST]) <= fmt->key_max() && row[SHIFT] >= 0 &&
+                    row[SHIFT] < 64 && ((uint64_t(row[LAST]) - uint64_t(row[LO])) >> row[SHIFT]) < uint64_t(kBins) &&
+                    row[SAMPLE] >= 0 && row[SAMPLE] <= 31,
+                "gmt_kernels::radix_histogram: state row ", s, " (LO=", row[LO], ", LAST=", row[LAST], ", SHIFT=",
+                row[SHIFT], ", SAMPLE=", row[SAMPLE], ") is not an interval of ", fmt->key_bits,
+                "-bit keys in at most ", kBins, " bins; build states with radix.initial_state and radix_select.");
+    const bool whole = row[LO] == 0 && uint64_t(row[LAST]) == fmt->key_max();
+    intervals[s] = Interval{uint64_t(row[LO]), uint64_t(row[LAST]), fmt->inf_key(), int(row[SHIFT]), whole};
+  }
+
   std::vector<at::Tensor> work;  // gradients of scopes still selecting, as dense memory blocks
-  std::vector<int64_t> sizes, rows;
+  std::vector<int64_t> sizes, rows, index_in_call;
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     const int64_t s = scope_of[i];
@@ -223,44 +406,45 @@ void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const a
     TORCH_CHECK(format_holds(format, g.scalar_type()), "gmt_kernels::radix_histogram: a ", g.scalar_type(),
                 " gradient (", i, ") cannot be scored exactly in key format ", format,
                 "; radix.key_format_for picks a format wide enough for every dtype of a scope.");
-    if (st[s * 3 + 2] != 0 || g.numel() == 0) continue;  // scope done: its entries are no longer counted
-    // Order does not matter to a histogram, so any dense layout is read as it lies in memory;
-    // only overlapping or gappy views (rare for gradients) pay for a copy.
+    if (st[s * kStateColumns + DONE] != 0 || g.numel() == 0) continue;  // a finished scope reads nothing
+    // Memory order (backends.memory_order_view): any dense layout is read as it lies; only
+    // overlapping or gappy views (rare for gradients) pay for a copy.
     work.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
     sizes.push_back(g.numel());
     rows.push_back(s);
+    index_in_call.push_back(int64_t(i));
   }
+  if (work.empty()) return;
   FlatIndex flat(sizes);
   int64_t* out = hist.data_ptr<int64_t>();
-  const int copies = width <= 12 ? 4 : 1;  // keep the private copies within L1/L2
-  Digit digit{int(shift), int(shift + width), uint64_t(bins - 1), bins};
 
   at::parallel_for(0, flat.total(), kGrain, [&](int64_t begin, int64_t end) {
-    LocalHistogram local(bins, copies);
+    LocalCounts local;
     int64_t pending_row = -1;
     int64_t pending_entries = 0;
     flat.for_each_piece(begin, end, [&](size_t item, int64_t first, int64_t last) {
       const int64_t row = rows[item];
       // A 32-bit private counter must not wrap: flush before 2^32 entries could reach one bin.
       if (pending_row != row || pending_entries + (last - first) >= (int64_t(1) << 32)) {
-        if (pending_row >= 0) local.flush_into(out + pending_row * bins);
+        if (pending_row >= 0) local.flush_into(out + pending_row * kHistColumns);
         pending_row = row;
         pending_entries = 0;
       }
       const at::Tensor& g = work[item];
+      const int64_t sample_log2 = st[row * kStateColumns + SAMPLE];
       constexpr int64_t kPiece = int64_t(1) << 30;
       for (int64_t lo = first; lo < last; lo += kPiece) {
         const int64_t hi = std::min(last, lo + kPiece);
         if (pending_entries + (hi - lo) >= (int64_t(1) << 32)) {
-          local.flush_into(out + row * bins);
+          local.flush_into(out + row * kHistColumns);
           pending_entries = 0;
         }
-        count_tensor_piece(g.scalar_type(), format, g.data_ptr(), lo, hi, digit, key_bits,
-                           uint64_t(st[row * 3 + 0]), local);
+        count_piece(g.scalar_type(), format, g.data_ptr(), lo, hi, intervals[row], sample_log2,
+                    uint64_t(index_in_call[item]), local);
         pending_entries += hi - lo;
       }
     });
-    if (pending_row >= 0) local.flush_into(out + pending_row * bins);
+    if (pending_row >= 0) local.flush_into(out + pending_row * kHistColumns);
   });
 }
 

@@ -249,7 +249,8 @@ def magnitude_threshold_sharded(tensors, mask_ratio: float, *, exact: bool, proc
     members = scope_members([local(t).detach() for t in tensors], contributions)
     device = local(tensors[0]).device
     (numel,) = shard_group.global_numels([members.known_numel], [members.shard_numel], device)
-    scope = Scope(grads=members.grads, k=radix.kept_count(numel, float(mask_ratio)), slack=radix.rank_slack(numel, exact))
+    scope = Scope(grads=members.grads, k=radix.kept_count(numel, float(mask_ratio)),
+                  slack=radix.rank_slack(numel, exact), numel=numel)
     key_format = radix.key_format_for(t.dtype for t in tensors)
     group = shard_group.group if members.sharded else None
     return select_thresholds([scope], key_format, backend_for, device, process_group=group).thresholds[0]

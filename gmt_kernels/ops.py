@@ -9,6 +9,9 @@ triton; the kernels register themselves for these names per device:
     gmt_kernels::triton_radix_histogram, gmt_kernels::triton_masked_adamw
         the Triton kernels on whatever device they get: CUDA, or CPU tensors under the Triton
         interpreter (which the dispatcher cannot route through the CPU key the C++ kernels own).
+    gmt_kernels::radix_select
+        the shared state machine of the pass loop (radix.select_bins) on any device; on CPU
+        state, the C++ copy of it (csrc/radix_select.cpp) when the extension is built.
 
 Arguments are Backend.radix_histogram / Backend.masked_adamw of backends/__init__.py, with the
 key format as its name and lr split in two: a float, or a 0-d tensor passed as lr_tensor (then lr is
@@ -21,11 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from .radix import select_bins
+
 NAMESPACE = "gmt_kernels"
 
-RADIX_HISTOGRAM_SCHEMA = (
-    "(Tensor[] grads, int[] scope_of, Tensor state, Tensor(a!) hist, str key_format, int shift, int width) -> ()"
-)
+RADIX_HISTOGRAM_SCHEMA = "(Tensor[] grads, int[] scope_of, Tensor state, Tensor(a!) hist, str key_format) -> ()"
+RADIX_SELECT_SCHEMA = "(Tensor hist, Tensor(a!) state, int key_bits) -> ()"
 MASKED_ADAMW_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, Tensor thresholds, Tensor(e!) kept, *, float lr, "
@@ -36,15 +40,20 @@ MASKED_ADAMW_SCHEMA = (
 # FRAGMENT, not DEF: the C++ extension adds kernels to this namespace (TORCH_LIBRARY_IMPL).
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
 
-OP_NAMES = ("radix_histogram", "masked_adamw", "triton_radix_histogram", "triton_masked_adamw")
+OP_NAMES = ("radix_histogram", "masked_adamw", "triton_radix_histogram", "triton_masked_adamw", "radix_select")
+_SCHEMAS = {"radix_histogram": RADIX_HISTOGRAM_SCHEMA, "masked_adamw": MASKED_ADAMW_SCHEMA, "radix_select": RADIX_SELECT_SCHEMA}
 
 for _name in OP_NAMES:
-    _library.define(_name + (RADIX_HISTOGRAM_SCHEMA if _name.endswith("radix_histogram") else MASKED_ADAMW_SCHEMA))
+    _library.define(_name + _SCHEMAS[_name.removeprefix("triton_")])
 
     # Every argument an op changes is an input, and it returns nothing: tracing needs no shapes.
     @torch.library.register_fake(f"{NAMESPACE}::{_name}", lib=_library)
     def _mutates_inputs_only(*args, **kwargs) -> None:
         return None
+
+
+# Every device; the C++ extension registers a faster kernel for the CPU key.
+_library.impl("radix_select", select_bins, "CompositeExplicitAutograd")
 
 
 def split_lr(lr) -> dict:

@@ -326,6 +326,7 @@ class GMTAdamW(torch.optim.Optimizer):
                     grads=[b.grads[i] for b, i in members],
                     k=radix.kept_count(numel, ratio),
                     slack=radix.rank_slack(numel, exact),
+                    numel=numel,
                 )
             )
             for b, i in members:
@@ -367,7 +368,7 @@ class GMTAdamW(torch.optim.Optimizer):
         for (fmt, row, ratio, _), view, numel in zip(sharded_scopes, views, numels):
             scope = scopes[fmt][row]
             scope.grads = view.grads
-            scope.k, scope.slack = radix.kept_count(numel, ratio), radix.rank_slack(numel, exact)
+            scope.k, scope.slack, scope.numel = radix.kept_count(numel, ratio), radix.rank_slack(numel, exact), numel
             if (fmt, row) in record_of:
                 record_of[(fmt, row)].numel = numel
 

@@ -1,14 +1,30 @@
-"""Radix selection of the k-th largest score, shared by every backend.
+"""Selection of the k-th largest score by histogram passes, shared by every backend.
 
 A score s = |g| >= 0 has its sign bit clear, so its bit pattern read as an integer (its *key*) is
 monotone in s: larger score, larger key; +inf above every finite value; NaN above +inf (so NaN
-counts as the largest score, SEMANTICS.md section 5 "propagate"). Selecting the k-th largest score
-is selecting the k-th largest key, one 11-bit digit at a time from the top (as AIR top-k and CUB
-DeviceTopK do): each pass histograms the digit of the entries whose higher digits equal the prefix
-chosen so far, and `select_bins` picks the bin that holds the k-th largest.
+counts as the largest score, SEMANTICS.md section 5 "propagate").
 
-Backends implement only the histogram pass (`Backend.radix_histogram`); the state machine below is
-plain torch on tiny [scopes, bins] tensors and stays on the device (no host synchronisation).
+Every scope keeps an interval [LO, LAST] of keys and a bin width 2**SHIFT. A pass histograms, for
+every entry of the scope, (key - LO) >> SHIFT if LO <= key <= LAST (at most BINS bins), and counts
+the entries above LAST (column ABOVE) and the non-finite ones (column NONFINITE). `select_bins`
+then narrows the interval to the bin that holds the k-th largest key. With LO = 0 and SHIFT =
+key_bits - 12 this is the first pass of a 12-bit radix select (AIR top-k and CUB use 11); each
+later pass divides the interval by 2**12.
+
+The first pass may be a *sample*: scopes of 2**18 entries or more count only the entries of
+hash-picked blocks of SAMPLE_BLOCK entries (1/2 .. 1/32 of them), which costs a fraction of a full
+pass, and `select_bins` turns that sample into a bracket [LO, LAST] that very likely holds the k-th
+largest. The next (full) pass histograms only that bracket in BINS bins: typical gradients are
+then within the approximate bound after one full pass and exact after two, where a radix select
+needs two and three. 12-bit bins (not 11) are what let a bracket of a few percent of the entries,
+up to 2**24 keys wide, end in one bin of at most 2**12 keys, so that the second full pass is exact. The full pass also counts the entries above the bracket, so it proves whether
+the bracket holds the k-th largest; if the sample misled it (adversarial data), the interval
+becomes the proven side and selection goes on: a miss costs passes, never correctness.
+
+Backends implement only the histogram pass (`Backend.radix_histogram`); the state machine below
+is plain torch on tiny [scopes, bins] tensors and stays on the device (no host synchronisation).
+The C++ extension carries the same `select_bins` for CPU state (csrc/radix_select.cpp), tested
+against this one, because on CPU a pass's dozen tiny torch ops would cost more than the pass.
 """
 
 from __future__ import annotations
@@ -17,16 +33,41 @@ from dataclasses import dataclass
 
 import torch
 
-RADIX_BITS = 11
+RADIX_BITS = 12
+BINS = 1 << RADIX_BITS
 
-# Columns of the per-scope state tensor (int64 [scopes, 3]).
-PREFIX, K_REMAINING, DONE = 0, 1, 2
+# Columns of a pass's histogram (int64 [scopes, HIST_COLUMNS]): BINS bins, then two counters.
+ABOVE = BINS  # entries with key > LAST (for a full pass: every such entry of the scope)
+NONFINITE = BINS + 1  # entries that are NaN or +-inf (key >= KeyFormat.inf_key)
+HIST_COLUMNS = BINS + 2
+
+# Columns of the per-scope state (int64 [scopes, STATE_COLUMNS]). Kernels read the first five.
+LO, LAST, SHIFT, SAMPLE, DONE, K, NUMEL, SLACK, KNOWN_LO, KNOWN_LAST = range(10)
+STATE_COLUMNS = 10
+# LO, LAST: the interval histogrammed next; SHIFT: log2 of its bin width; SAMPLE: log2 of the
+# fraction of blocks the next pass counts (0: every entry); DONE: selection finished (LO is the
+# threshold key); K: entries to keep; NUMEL: entries of the scope; SLACK: allowed rank error;
+# KNOWN_LO, KNOWN_LAST: the interval proven to hold the k-th largest key.
 
 # SEMANTICS.md section 2 allows an approximate threshold e = ceil(0.005 N) ranks away from the k-th
-# largest. We promise ten times less: a radix pass ends the selection only once the chosen bin holds
-# at most ceil(0.0005 N) entries. Typical gradients get there after two 11-bit passes or one 16-bit pass.
+# largest. We promise ten times less: a pass ends the selection only once the chosen bin holds at
+# most ceil(0.0005 N) entries.
 APPROX_RANK_SLACK = 0.0005
 EXACT_BELOW = 1 << 16  # scopes smaller than this use the exact path even with threshold="approx"
+
+# The sample: blocks of SAMPLE_BLOCK consecutive entries of a tensor, picked by a hash of (block,
+# tensor) so that periodic structure (rows, heads) cannot line up with the picks. A scope samples
+# 1 / 2**SAMPLE blocks with SAMPLE the largest value <= SAMPLE_MAX_LOG2 that leaves it at least
+# SAMPLE_MIN_BLOCKS blocks; smaller scopes start with a full pass.
+SAMPLE_BLOCK = 1024
+SAMPLE_MIN_BLOCKS = 256
+SAMPLE_MAX_LOG2 = 5
+# Bracket half-width, in standard deviations of the sampled rank. Entries of one block are often
+# alike (one row, one channel), so the variance of a block sample is taken as SAMPLE_DESIGN_EFFECT
+# times that of a sample of independent entries.
+SAMPLE_SIGMAS = 4.0
+SAMPLE_DESIGN_EFFECT = 256.0
+_HASH_BLOCK, _HASH_TENSOR, _HASH_MASK = 0x9E3779B1, 0x85EBCA77, 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -39,31 +80,23 @@ class KeyFormat:
     key_bits: int  # bits below the (always clear) sign bit: exponent and mantissa
     mantissa_bits: int
 
-    def digits(self, digit_bits: int = RADIX_BITS) -> list[tuple[int, int]]:
-        """(shift, width) of each pass, most significant first: `digit_bits`-wide digits, the last
-        may be narrower. Wider digits mean fewer passes and larger histograms."""
-        out, top = [], self.key_bits
-        while top > 0:
-            width = min(digit_bits, top)
-            out.append((top - width, width))
-            top -= width
-        return out
+    @property
+    def key_max(self) -> int:
+        return (1 << self.key_bits) - 1
 
     @property
-    def passes(self) -> list[tuple[int, int]]:
-        """The schedule of 11-bit digits, which every backend serves."""
-        return self.digits(RADIX_BITS)
+    def inf_key(self) -> int:
+        """Keys at or above this one are +-inf (all-ones exponent, zero mantissa) or NaN."""
+        return ((1 << (self.key_bits - self.mantissa_bits)) - 1) << self.mantissa_bits
+
+    def passes(self, sampled: bool) -> int:
+        """Passes that always suffice: a full pass divides any interval by 2**RADIX_BITS, and a
+        sampled start adds the sample pass and at most one pass over a bracket that missed."""
+        return -(-self.key_bits // RADIX_BITS) + (2 if sampled else 0)
 
     @property
     def threshold_dtype(self) -> torch.dtype:
         return torch.float64 if self.float_dtype == torch.float64 else torch.float32
-
-    def first_nonfinite_bin(self, first_shift: int) -> int:
-        """Bins of the first pass (digit at `first_shift`) at or above this one hold +-inf and NaN:
-        a first digit of 11 bits or more contains the whole exponent field, and an all-ones
-        exponent means non-finite."""
-        inf_key = ((1 << (self.key_bits - self.mantissa_bits)) - 1) << self.mantissa_bits
-        return inf_key >> first_shift
 
 
 KEY_FORMATS = {
@@ -72,11 +105,12 @@ KEY_FORMATS = {
     torch.float32: KeyFormat("f32", torch.float32, torch.int32, 31, 23),
     torch.float64: KeyFormat("f64", torch.float64, torch.int64, 63, 52),
 }
+KEY_FORMATS_BY_NAME = {fmt.name: fmt for fmt in KEY_FORMATS.values()}
 
 
 def key_format_for(dtypes) -> KeyFormat:
     """The narrowest format in which every score of these dtypes is exact: a scope of one 16-bit
-    dtype keeps its 15-bit keys (2 passes), mixed 16-bit dtypes meet in float32, float64 wins."""
+    dtype keeps its 15-bit keys, mixed 16-bit dtypes meet in float32, float64 wins."""
     dtypes = set(dtypes)
     for dt in dtypes:
         if dt not in KEY_FORMATS:
@@ -96,9 +130,9 @@ def score_keys(grad: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
     return grad.abs().to(fmt.float_dtype).view(fmt.int_dtype).to(torch.int64)
 
 
-def keys_to_threshold(prefix: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
-    """The score whose key is `prefix`, in fmt.threshold_dtype (exact)."""
-    return prefix.to(fmt.int_dtype).view(fmt.float_dtype).to(fmt.threshold_dtype)
+def keys_to_threshold(keys: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
+    """The score whose key is `keys`, in fmt.threshold_dtype (exact)."""
+    return keys.to(fmt.int_dtype).view(fmt.float_dtype).to(fmt.threshold_dtype)
 
 
 def check_mask_ratio(mask_ratio) -> None:
@@ -123,29 +157,111 @@ def rank_slack(numel: int, exact: bool) -> int:
     return -((-num * numel) // den)
 
 
-def initial_state(ks: torch.Tensor) -> torch.Tensor:
-    """State [scopes, 3] before the first pass: empty prefix, k to find, not done."""
-    state = torch.zeros(ks.shape[0], 3, dtype=torch.int64, device=ks.device)
-    state[:, K_REMAINING] = ks
-    return state
+def sample_log2(numel: int) -> int:
+    """log2 of the block sampling stride of a scope's first pass (0: a full first pass)."""
+    blocks = numel // SAMPLE_BLOCK
+    if blocks < 2 * SAMPLE_MIN_BLOCKS:
+        return 0
+    return min(SAMPLE_MAX_LOG2, (blocks // SAMPLE_MIN_BLOCKS).bit_length() - 1)
 
 
-def select_bins(hist: torch.Tensor, state: torch.Tensor, slack: torch.Tensor, shift: int) -> None:
-    """Advance every scope by one digit, in place.
+def sampled_blocks(block: torch.Tensor, tensor_index: int, log2) -> torch.Tensor:
+    """Whether block `block` (int64: entry index // SAMPLE_BLOCK in its tensor's memory order) of
+    the `tensor_index`-th gradient of a radix_histogram call is in a sample of 1 / 2**log2 blocks
+    (log2: int or 0-d tensor; 0 = every block): the top `log2` bits of a 32-bit multiplicative
+    hash are zero. Every backend counts exactly these blocks."""
+    h = ((block & 0x7FFFFFFF) * _HASH_BLOCK) & _HASH_MASK
+    h = (h + (((tensor_index & 0x7FFFFFFF) * _HASH_TENSOR) & _HASH_MASK)) & _HASH_MASK
+    return (h >> (32 - log2)) == 0
 
-    hist [S, B]: counts of this pass's digit among the entries matching each scope's prefix.
-    The chosen digit d is the bin holding the k-th largest of those entries; k shrinks by the
-    count of the bins above d. A scope is done once k = 0 (nothing to select: T = +inf) or, in
-    approximate mode, once d holds at most `slack` entries: then every value of the bin, its lower
-    edge (= the prefix, low bits zero) included, is within `slack` ranks of the k-th largest.
+
+def initial_state(ks, numels, slacks, fmt: KeyFormat) -> torch.Tensor:
+    """State [scopes, STATE_COLUMNS] (on the CPU) before the first pass: the whole key range, a
+    sampled first pass for large scopes. ks, numels, slacks: per scope, Python ints."""
+    rows = [
+        [0, fmt.key_max, fmt.key_bits - RADIX_BITS, sample_log2(n), 0, k, n, slack, 0, fmt.key_max]
+        for k, n, slack in zip(ks, numels, slacks)
+    ]
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), STATE_COLUMNS)
+
+
+def _shift_for(width: torch.Tensor) -> torch.Tensor:
+    """Smallest s >= 0 with width >> s < BINS (width = LAST - LO >= 0): bins that cover the interval."""
+    bit_length = ((width[:, None] >> torch.arange(64, device=width.device)) > 0).sum(-1)
+    return (bit_length - RADIX_BITS).clamp(min=0)
+
+
+def select_bins(hist: torch.Tensor, state: torch.Tensor, key_bits: int) -> None:
+    """Advance every scope that is not DONE by one pass, in place (the same rule as csrc/radix_select.cpp).
+
+    hist [S, HIST_COLUMNS]: the pass's counts under each scope's state. For a sampled pass
+    (SAMPLE > 0), the scope's rank k scaled to the sample, widened by SAMPLE_SIGMAS deviations,
+    picks a bracket of bins; the proven interval stays as it was. For a full pass, the k-th largest
+    key is above LAST if at least k entries are, below LO if fewer than k are >= LO, else in the bin
+    where the count from the top reaches k. The interval becomes that region. A scope is DONE once
+    k = 0 (threshold +inf), its bin is one key wide (exact), or, with SLACK > 0, its bin holds at
+    most SLACK entries: every key of the bin, its lower edge LO included, is then within SLACK
+    ranks of the k-th largest.
     """
-    k = state[:, K_REMAINING]
-    from_top = hist.flip(-1).cumsum(-1)  # from_top[:, j] = entries in bins >= B-1-j
-    j = (from_top < k[:, None]).sum(-1).clamp(max=hist.shape[-1] - 1)
-    in_bin = hist.flip(-1).gather(1, j[:, None]).squeeze(1)
-    above = from_top.gather(1, j[:, None]).squeeze(1) - in_bin
-    digit = hist.shape[-1] - 1 - j
-    active = (state[:, DONE] == 0) & (k > 0)
-    state[:, PREFIX] = torch.where(active, state[:, PREFIX] | (digit << shift), state[:, PREFIX])
-    state[:, K_REMAINING] = torch.where(active, k - above, k)
-    state[:, DONE] |= ((~active) | (in_bin <= slack)).to(torch.int64)
+    lo, last, shift = state[:, LO], state[:, LAST], state[:, SHIFT]
+    k, numel, slack = state[:, K], state[:, NUMEL], state[:, SLACK]
+    known_lo, known_last = state[:, KNOWN_LO], state[:, KNOWN_LAST]
+    active = state[:, DONE] == 0
+    sampled = state[:, SAMPLE] > 0
+
+    from_top = hist[:, :BINS].flip(-1).cumsum(-1)  # from_top[:, j]: entries in bins >= BINS-1-j
+    counted = from_top[:, -1]
+
+    def bin_holding(rank):  # the bin where the count from the top reaches rank (>= 1)
+        return BINS - 1 - (from_top < rank[:, None]).sum(-1).clamp(max=BINS - 1)
+
+    def bin_lo(digit):
+        return lo + (digit << shift)
+
+    def bin_last(digit):  # written so that it cannot overflow for 63-bit keys
+        return torch.minimum(bin_lo(digit) + ((torch.ones_like(shift) << shift) - 1), last)
+
+    # Sampled pass: a bracket around rank k * counted / numel.
+    r = k.double() * counted.double() / numel.clamp(min=1).double()
+    variance = r * (counted.double() - r) / counted.clamp(min=1).double() * SAMPLE_DESIGN_EFFECT
+    delta = SAMPLE_SIGMAS * variance.clamp(min=0).sqrt() + 1
+    top_rank = torch.floor(r - delta).to(torch.int64)
+    bottom_rank = torch.ceil(r + delta).to(torch.int64)
+    bracket_last = torch.where(top_rank >= 1, bin_last(bin_holding(top_rank.clamp(min=1))), known_last)
+    bracket_lo = torch.where(bottom_rank <= counted, bin_lo(bin_holding(bottom_rank.clamp(min=1))), known_lo)
+    bracket_lo = torch.where(counted > 0, bracket_lo, known_lo)
+    bracket_last = torch.where(counted > 0, bracket_last, known_last)
+
+    # Full pass: where the k-th largest key is, proven by the counts.
+    k_in = k - hist[:, ABOVE]
+    up = k_in <= 0
+    down = k_in > counted
+    digit = bin_holding(k_in.clamp(min=1))
+    in_bin = hist[:, :BINS].gather(1, digit[:, None]).squeeze(1)
+    found_lo = torch.where(up, last + 1, torch.where(down, known_lo, bin_lo(digit)))
+    found_last = torch.where(up, known_last, torch.where(down, lo - 1, bin_last(digit)))
+    inside = ~up & ~down
+    finished = (k == 0) | (inside & ((shift == 0) | (in_bin <= slack)))
+
+    new_lo = torch.where(sampled, bracket_lo, found_lo)
+    new_last = torch.where(sampled, bracket_last, found_last)
+    moving = active & ~(~sampled & (k == 0))  # a finished scope's LO is its threshold key
+    state[:, LO] = torch.where(moving, new_lo, lo)
+    state[:, LAST] = torch.where(moving, new_last, last)
+    state[:, SHIFT] = torch.where(moving, _shift_for(state[:, LAST] - state[:, LO]), shift)
+    refined = active & ~sampled
+    state[:, KNOWN_LO] = torch.where(refined & ~finished, found_lo, known_lo)
+    state[:, KNOWN_LAST] = torch.where(refined & ~finished, found_last, known_last)
+    state[:, DONE] |= (refined & finished).to(torch.int64)
+    state[:, SAMPLE] = torch.where(active, 0, state[:, SAMPLE])
+
+
+def result_keys(state: torch.Tensor) -> torch.Tensor:
+    """The threshold key of every scope once all passes ran (meaningless where K = 0: +inf)."""
+    return state[:, LO]
+
+
+def max_passes(fmt: KeyFormat, numels) -> int:
+    """Passes of a selection over scopes of these sizes (known on the host: no sync)."""
+    return fmt.passes(any(sample_log2(int(n)) > 0 for n in numels))
+

@@ -1,29 +1,33 @@
-"""Thresholds of many scopes at once: the radix-select pass loop, the same for every backend.
+"""Thresholds of many scopes at once: the histogram pass loop, the same for every backend.
 
 Each pass runs one `radix_histogram` per (device, backend) over all tensors of all scopes that
-share a key format, sums the histograms on the primary device (and over `process_group`),
-and advances every scope's state with `radix.select_bins`. Launches per step therefore depend on
-the number of passes, devices and key formats, never on the number of parameters.
+share a key format, sums the histograms on the primary device (and over `process_group`), and
+advances every scope's state with the radix_select op (radix.select_bins). Launches per step
+therefore depend on the number of passes, devices and key formats, never on the number of
+parameters. The number of passes is fixed in advance (radix.max_passes), since ending early would
+need the device to tell the host; a pass over scopes that are all DONE reads no gradient.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from . import radix
+from . import ops, radix  # noqa: F401  (ops defines torch.ops.gmt_kernels.*)
 from .backends import Backend, resolve
 
 
 @dataclass
 class Scope:
-    """Entries that share one threshold. k = number to keep, slack = allowed rank error (0: exact)."""
+    """Entries that share one threshold: k = number to keep, slack = allowed rank error (0: exact),
+    numel = entries of the scope (over every rank, for a scope sharded across processes)."""
 
     grads: list
     k: int
     slack: int
+    numel: int
 
 
 @dataclass
@@ -40,9 +44,10 @@ def select_thresholds(
     primary: torch.device,
     process_group=None,
 ) -> Selection:
-    ks = torch.tensor([s.k for s in scopes], dtype=torch.int64)
-    slack = torch.tensor([s.slack for s in scopes], dtype=torch.int64).to(primary, non_blocking=True)
-    state = radix.initial_state(ks).to(primary, non_blocking=True)
+    host_state = radix.initial_state([s.k for s in scopes], [s.numel for s in scopes], [s.slack for s in scopes], key_format)
+    state = host_state.to(primary, non_blocking=True)
+    # Scopes whose first pass is a sample find their non-finite count in the second pass.
+    sampled_first = (host_state[:, radix.SAMPLE] > 0).to(primary, non_blocking=True)
 
     # Work lists per (device, backend): the gradients and the state row of each one's scope.
     work: dict[tuple[torch.device, str], tuple[Backend, list, list]] = {}
@@ -55,46 +60,29 @@ def select_thresholds(
     local_state = {dev: state if dev == primary else state.to(dev) for dev, _ in work}
 
     nonfinite = None
-    digit_bits = _digit_bits(len(scopes), [backend for backend, _, _ in work.values()], process_group)
-    for pass_index, (shift, width) in enumerate(key_format.digits(digit_bits)):
-        hist = torch.zeros(len(scopes), 1 << width, dtype=torch.int64, device=primary)
+    hist = torch.empty(len(scopes), radix.HIST_COLUMNS, dtype=torch.int64, device=primary)
+    for pass_index in range(radix.max_passes(key_format, [s.numel for s in scopes])):
+        hist.zero_()
         for (device, _), (backend, grads, rows) in work.items():
             part = hist if device == primary else torch.zeros_like(hist, device=device)
-            backend.radix_histogram(
-                grads, rows, local_state[device], part, key_format=key_format, shift=shift, width=width
-            )
+            backend.radix_histogram(grads, rows, local_state[device], part, key_format=key_format)
             if part is not hist:
                 hist += part.to(primary)
         if process_group is not None:
             torch.distributed.all_reduce(hist, group=process_group)
         if pass_index == 0:
-            nonfinite = hist[:, key_format.first_nonfinite_bin(shift) :].sum(-1)
-        radix.select_bins(hist, state, slack, shift)
+            nonfinite = hist[:, radix.NONFINITE].clone()
+        elif pass_index == 1:
+            nonfinite = torch.where(sampled_first, hist[:, radix.NONFINITE], nonfinite)
+        torch.ops.gmt_kernels.radix_select(hist, state, key_format.key_bits)
         for device, copy in local_state.items():
             if copy is not state:
                 copy.copy_(state, non_blocking=True)
 
-    found = radix.keys_to_threshold(state[:, radix.PREFIX], key_format)
+    found = radix.keys_to_threshold(radix.result_keys(state), key_format)
     inf = torch.full_like(found, float("inf"))
-    thresholds = torch.where(ks.to(primary, non_blocking=True) == 0, inf, found)
+    thresholds = torch.where(state[:, radix.K] == 0, inf, found)
     return Selection(thresholds, nonfinite, key_format)
-
-
-# Wider digits than 11 bits (fewer passes) only while the histograms stay small: [scopes, 2**bits]
-# int64 on the primary device, summed across devices and, never wider than 11 bits, across ranks.
-WIDE_HISTOGRAM_BINS = 1 << 21
-
-
-def _digit_bits(num_scopes: int, backends: Sequence[Backend], process_group) -> int:
-    """The digit width of this selection: the widest every backend involved counts efficiently
-    (the C++ kernels count 16-bit digits about as fast as 11-bit ones, GPU kernels want 11), within the
-    histogram budget; 11 bits when histograms travel between ranks."""
-    bits = min([b.max_digit_bits for b in backends], default=radix.RADIX_BITS)
-    if process_group is not None:
-        bits = radix.RADIX_BITS
-    while bits > radix.RADIX_BITS and max(num_scopes, 1) << bits > WIDE_HISTOGRAM_BINS:
-        bits -= 1
-    return bits
 
 
 def magnitude_threshold(
@@ -143,6 +131,7 @@ def magnitude_threshold(
         grads=[t.detach() for t in tensors],
         k=radix.kept_count(numel, float(mask_ratio)),
         slack=radix.rank_slack(numel, exact),
+        numel=numel,
     )
     selection = select_thresholds(
         [scope], key_format, lambda t: resolve(backend, t.device, t.dtype), device

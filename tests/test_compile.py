@@ -89,7 +89,9 @@ def test_compiled_step_matches_eager(backend, options):
             if key in eager_opt.state[eager]:
                 torch.testing.assert_close(opt.state[p][key], eager_opt.state[eager][key], rtol=0, atol=0)
                 torch.testing.assert_close(eager_opt.state[eager][key], ref_opt.state[ref][key], rtol=2e-6, atol=1e-7)
-    if backend in OP_BACKENDS:  # the kernels were traced into a graph, not run in a skipped frame
+    # The kernels were traced into a graph, not run in a skipped frame; radix_select is every backend's.
+    assert "gmt_kernels.radix_select" in called_ops(graphs)
+    if backend in OP_BACKENDS:
         prefix = "gmt_kernels.triton_" if backend == "triton" else "gmt_kernels."
         assert {f"{prefix}radix_histogram", f"{prefix}masked_adamw"} <= called_ops(graphs)
 
@@ -108,8 +110,8 @@ def test_compiled_step_records_mask_stats():
 def histogram_then_update(backend, grads, params, exp_avgs, exp_avg_sqs, steps, state, hist, lr):
     """One radix pass and one masked update: the two ops back to back, as step() issues them."""
     fmt = radix.KEY_FORMATS[torch.float32]
-    shift, width = fmt.passes[0]
-    backend.radix_histogram(grads, list(range(len(grads))), state, hist, key_format=fmt, shift=shift, width=width)
+    backend.radix_histogram(grads, list(range(len(grads))), state, hist, key_format=fmt)
+    torch.ops.gmt_kernels.radix_select(hist, state, fmt.key_bits)
     thresholds = torch.full((len(params),), 0.5)
     kept = torch.zeros(len(params), dtype=torch.int64)
     backend.masked_adamw(
@@ -133,7 +135,8 @@ def test_ops_compile_in_one_graph(backend_name, lr):
         return dict(
             grads=grads, params=params, exp_avgs=[torch.zeros_like(p) for p in params],
             exp_avg_sqs=[torch.zeros_like(p) for p in params], steps=[torch.ones(()) for _ in params],
-            state=radix.initial_state(torch.tensor([5, 5, 5, 0])), hist=torch.zeros(4, 2048, dtype=torch.int64),
+            state=radix.initial_state([5, 5, 5, 0], [153, 33, 60, 0], [0] * 4, radix.KEY_FORMATS[torch.float32]),
+            hist=torch.zeros(4, radix.HIST_COLUMNS, dtype=torch.int64),
         )
 
     compiled, eager = inputs(), inputs()
@@ -144,7 +147,8 @@ def test_ops_compile_in_one_graph(backend_name, lr):
     expected_kept = torch.tensor([int((g.abs() >= 0.5).sum()) for g in eager["grads"]])
     assert torch.equal(eager_kept, expected_kept)
     assert torch.equal(compiled_kept, eager_kept)
-    assert int(compiled["hist"].sum()) == sum(g.numel() for g in compiled["grads"])
+    assert int(compiled["hist"][:, : radix.BINS].sum()) == sum(g.numel() for g in compiled["grads"])
+    assert int(compiled["state"][:, radix.DONE].sum()) == 1  # k = 0: nothing to select
     for key, value in compiled.items():
         for got, want in zip(value if isinstance(value, list) else [value], eager[key] if isinstance(value, list) else [eager[key]]):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
@@ -157,6 +161,8 @@ def test_schemas_declare_what_the_kernels_mutate(name):
     mutated = {arg.name for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write}
     if name.endswith("radix_histogram"):
         assert mutated == {"hist"}
+    elif name == "radix_select":
+        assert mutated == {"state"}
     else:
         assert mutated == {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "kept"}
     assert not schema.returns  # everything the kernels produce is written into their inputs
@@ -171,14 +177,22 @@ def test_one_op_name_serves_cpu_through_the_cpp_kernels():
     assert "ops.cpp" in cpu_line
     cuda_line = next(line for line in table.splitlines() if line.startswith("CUDA:"))
     assert "backends/triton" in cuda_line
+    select = torch._C._dispatch_dump_table("gmt_kernels::radix_select").splitlines()
+    assert "ops.cpp" in next(line for line in select if line.startswith("CPU:"))
+    assert "gmt_kernels/ops.py" in next(line for line in select if line.startswith("CUDA:"))  # radix.select_bins
 
 
 def opcheck_inputs(name):
     gen = torch.Generator().manual_seed(2)
     grads = [torch.randn(7, 3, generator=gen), torch.randn(5, generator=gen)]
+    fmt = radix.KEY_FORMATS[torch.float32]
+    state = radix.initial_state([3, 3], [21, 5], [0, 0], fmt)
     if name.endswith("radix_histogram"):
-        state = radix.initial_state(torch.tensor([3, 3]))
-        return (grads, [0, 1], state, torch.zeros(2, 2048, dtype=torch.int64), "f32", 20, 11), {}
+        return (grads, [0, 1], state, torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64), "f32"), {}
+    if name == "radix_select":
+        hist = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
+        torch.ops.gmt_kernels.radix_histogram(grads, [0, 1], state, hist, "f32")
+        return (hist, state, fmt.key_bits), {}
     params = [torch.randn(g.shape, generator=gen) for g in grads]
     states = [[torch.rand(g.shape, generator=gen) for g in grads] for _ in range(3)]
     args = (params, grads, *states, [torch.full((), 2.0) for _ in grads], torch.full((2,), 0.5),

@@ -54,15 +54,16 @@ def numpy_keys(t: torch.Tensor, fmt: radix.KeyFormat) -> np.ndarray:
     return values.astype(np_float).view(np_int).astype(np.int64)
 
 
-def run_passes(backend, grads, scope_of, ks, fmt):
-    """Histograms of every pass of an exact selection driven by `backend`, with the state each saw."""
-    state = radix.initial_state(torch.tensor(ks))
+def run_passes(backend, grads, scope_of, ks, fmt, select):
+    """Every pass of an exact selection driven by `backend` and `select`: (state seen, histogram) each."""
+    numels = [sum(g.numel() for g, s in zip(grads, scope_of) if s == row) for row in range(len(ks))]
+    state = radix.initial_state(ks, numels, [0] * len(ks), fmt)
     seen = []
-    for shift, width in fmt.passes:
-        hist = torch.zeros(len(ks), 1 << width, dtype=torch.int64)
-        backend.radix_histogram(grads, scope_of, state, hist, key_format=fmt, shift=shift, width=width)
-        seen.append((state.clone(), shift, width, hist))
-        radix.select_bins(hist, state, torch.zeros(len(ks), dtype=torch.int64), shift)
+    for _ in range(radix.max_passes(fmt, numels)):
+        hist = torch.zeros(len(ks), radix.HIST_COLUMNS, dtype=torch.int64)
+        backend.radix_histogram(grads, scope_of, state, hist, key_format=fmt)
+        seen.append((state.clone(), hist))
+        select(hist, state, fmt.key_bits)
     return seen, state
 
 
@@ -76,77 +77,190 @@ FORMAT_CASES = [  # (gradient dtypes, in order), their key format follows from r
 ]
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def histogram_path(request, monkeypatch):
+    """The C++ histogram has an AVX-512 path (used where the CPU has it) and a portable one."""
+    if request.param == "portable":
+        monkeypatch.setenv("GMT_KERNELS_NO_AVX512", "1")
+    return request.param
+
+
+@pytest.fixture(params=["full", "sampled"])
+def first_pass(request, monkeypatch):
+    """Scopes of SIZES are too small to sample by default; with SAMPLE_MIN_BLOCKS = 1 they start
+    with a sampled pass, and the bracket of so small a sample often misses: every branch runs."""
+    if request.param == "sampled":
+        monkeypatch.setattr(radix, "SAMPLE_MIN_BLOCKS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("dtypes", FORMAT_CASES, ids=lambda d: "+".join(str(t)[6:] for t in d))
 @pytest.mark.parametrize("case", ["normal", "wide", "nonfinite", "ties"])
-def test_histograms_equal_reference_every_pass(dtypes, case):
+def test_histograms_equal_reference_every_pass(dtypes, case, histogram_path, first_pass):
     gen = torch.Generator().manual_seed(1)
     grads = [scores(n, dtypes[i % len(dtypes)], case, gen) for i, n in enumerate(SIZES)]
     scope_of = [0, 1, 0, 1, 1, 0]
     fmt = radix.key_format_for(dtypes)
     ks = [radix.kept_count(SIZES[0] + SIZES[2] + SIZES[5], 0.3), radix.kept_count(SIZES[1] + SIZES[3] + SIZES[4], 0.9)]
-    ours, our_state = run_passes(cpu, grads, scope_of, ks, fmt)
-    theirs, their_state = run_passes(reference, grads, scope_of, ks, fmt)
-    for index, ((state, shift, width, hist), (ref_state, _, _, ref_hist)) in enumerate(zip(ours, theirs)):
+    ours, our_state = run_passes(cpu, grads, scope_of, ks, fmt, torch.ops.gmt_kernels.radix_select)
+    theirs, their_state = run_passes(reference, grads, scope_of, ks, fmt, radix.select_bins)
+    for (state, hist), (ref_state, ref_hist) in zip(ours, theirs):
         assert torch.equal(state, ref_state)
-        if index == 0:
+        for row in range(len(ks)):
             # NaN keys may differ in their low bits: torch itself widens a float16 NaN to 0x7fffffff
-            # on its scalar path and to 0x7fc00000 on its vector path. Where a NaN lands among the
-            # non-finite bins changes no threshold (NaN scores are all kept); how many there are does.
-            cut = fmt.first_nonfinite_bin(shift)
-            assert torch.equal(hist[:, cut:].sum(-1), ref_hist[:, cut:].sum(-1))
-            hist, ref_hist = hist[:, :cut], ref_hist[:, :cut]
-        assert torch.equal(hist, ref_hist), f"pass (shift={shift}, width={width})"
+            # on its scalar path and to 0x7fc00000 on its vector path. Which bin of the non-finite
+            # keys a NaN lands in changes no threshold (NaN scores are all kept); how many there are does.
+            lo, last, shift = (int(state[row, c]) for c in (radix.LO, radix.LAST, radix.SHIFT))
+            cut = radix.BINS if last < fmt.inf_key else max(0, (fmt.inf_key - lo) >> shift)
+            assert torch.equal(hist[row, :cut], ref_hist[row, :cut])
+            assert hist[row, cut : radix.BINS].sum() == ref_hist[row, cut : radix.BINS].sum()
+            assert torch.equal(hist[row, radix.BINS :], ref_hist[row, radix.BINS :])
     assert torch.equal(our_state, their_state)
+    assert our_state[:, radix.DONE].all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_first_pass_counts_numpy_keys(dtype):
-    """Independent of the reference: the first digit of keys computed by numpy, counted by numpy."""
+def test_first_pass_counts_numpy_keys(dtype, histogram_path):
+    """Independent of the reference: bins, ABOVE and NONFINITE of keys computed by numpy, for the
+    whole key range (a first pass) and for an interval inside it."""
     gen = torch.Generator().manual_seed(2)
-    grads = [scores(n, dtype, "wide", gen) for n in SIZES]
+    grads = [scores(n, dtype, case, gen) for n, case in zip(SIZES, ["wide", "nonfinite"] * 3)]
     fmt = radix.key_format_for([dtype])
-    shift, width = fmt.passes[0]
-    hist = torch.zeros(1, 1 << width, dtype=torch.int64)
-    cpu.radix_histogram(grads, [0] * len(grads), radix.initial_state(torch.tensor([1])), hist,
-                        key_format=fmt, shift=shift, width=width)
     keys = np.concatenate([numpy_keys(g, fmt) for g in grads])
-    expected = np.bincount(keys >> shift, minlength=1 << width)
-    assert hist[0].tolist() == expected.tolist()
+    finite = keys[keys < fmt.inf_key]
+    lo, last = int(np.quantile(finite, 0.4)), int(np.quantile(finite, 0.45))
+    for interval in [(0, fmt.key_max), (lo, last)]:
+        state = radix.initial_state([1], [len(keys)], [0], fmt)
+        state[0, radix.SAMPLE] = 0
+        state[0, radix.LO], state[0, radix.LAST] = interval
+        shift = max(0, (interval[1] - interval[0]).bit_length() - radix.RADIX_BITS)
+        state[0, radix.SHIFT] = shift
+        hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
+        cpu.radix_histogram(grads, [0] * len(grads), state, hist, key_format=fmt)
+        inside = keys[(keys >= interval[0]) & (keys <= interval[1])]
+        expected = np.bincount((inside - interval[0]) >> shift, minlength=radix.BINS)
+        assert hist[0, : radix.BINS].tolist() == expected.tolist()
+        assert hist[0, radix.ABOVE] == int((keys > interval[1]).sum())
+        assert hist[0, radix.NONFINITE] == int((keys >= fmt.inf_key).sum())
 
 
-def test_histogram_reads_strided_layouts_and_skips_done_scopes():
+def test_sampled_pass_counts_the_hashed_blocks(histogram_path):
+    """A sampled pass counts exactly the entries of the blocks radix.sampled_blocks picks, per
+    tensor and by memory order, and nothing else."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(50, 3000, generator=gen)
+    grads = [base.t(), torch.randn(70001, generator=gen), torch.randn(5, generator=gen)]  # a dense transpose first
+    fmt = radix.KEY_FORMATS[torch.float32]
+    state = radix.initial_state([10], [sum(g.numel() for g in grads)], [0], fmt)
+    state[0, radix.SAMPLE] = 2
+    hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
+    cpu.radix_histogram(grads, [0, 0, 0], state, hist, key_format=fmt)
+    picked = []
+    for index, g in enumerate([base.reshape(-1), grads[1], grads[2]]):  # memory order
+        block = torch.arange(g.numel()) // radix.SAMPLE_BLOCK
+        picked.append(g[radix.sampled_blocks(block, index, 2)])
+    keys = radix.score_keys(torch.cat(picked), fmt)
+    assert 0 < keys.numel() < sum(g.numel() for g in grads) // 2
+    shift = fmt.key_bits - radix.RADIX_BITS
+    assert torch.equal(hist[0, : radix.BINS], torch.bincount(keys >> shift, minlength=radix.BINS))
+
+
+def test_histogram_reads_strided_layouts_and_skips_done_scopes(histogram_path):
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(300, 500, generator=gen)
     transposed = base.t()  # dense, not contiguous: read in memory order
     sliced = base[:, ::3]  # gappy: read through a copy
     fmt = radix.KEY_FORMATS[torch.float32]
-    shift, width = fmt.passes[0]
-    state = radix.initial_state(torch.tensor([10, 10]))
+    state = radix.initial_state([10, 10], [200000, 150000], [0, 0], fmt)
+    state[0, radix.LO], state[0, radix.SHIFT] = 1 << 29, 20  # an interval: the AVX-512 path
     state[1, radix.DONE] = 1
-    hist = torch.zeros(2, 1 << width, dtype=torch.int64)
-    cpu.radix_histogram([transposed, sliced, base], [0, 0, 1], state, hist, key_format=fmt, shift=shift, width=width)
+    hist = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
+    cpu.radix_histogram([transposed, sliced, base], [0, 0, 1], state, hist, key_format=fmt)
     expected = torch.zeros_like(hist)
-    reference.radix_histogram([transposed.contiguous(), sliced.contiguous()], [0, 0], state, expected,
-                              key_format=fmt, shift=shift, width=width)
+    reference.radix_histogram([transposed, sliced.contiguous()], [0, 0], state, expected, key_format=fmt)
     assert torch.equal(hist, expected)
-    assert hist[0].sum() == transposed.numel() + sliced.numel() and hist[1].sum() == 0
+    assert hist[0, : radix.ABOVE + 1].sum() == transposed.numel() + sliced.numel() and hist[1].sum() == 0
 
 
 def test_histogram_rejects_bad_arguments_with_reasons():
     g = [torch.randn(10)]
-    state = radix.initial_state(torch.tensor([3]))
-    hist = torch.zeros(1, 2048, dtype=torch.int64)
+    fmt = radix.KEY_FORMATS[torch.float32]
+    state = radix.initial_state([3], [10], [0], fmt)
+    hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
     ops = torch.ops.gmt_kernels
     with pytest.raises(RuntimeError, match="unknown key_format 'f8'"):
-        ops.radix_histogram(g, [0], state, hist, "f8", 20, 11)
+        ops.radix_histogram(g, [0], state, hist, "f8")
     with pytest.raises(RuntimeError, match="cannot be scored exactly in key format f16"):
-        ops.radix_histogram(g, [0], state, hist, "f16", 4, 11)
-    with pytest.raises(RuntimeError, match=r"hist must be .*\[1, 2048\]"):
-        ops.radix_histogram(g, [0], state, hist[:, :1024], "f32", 20, 10 + 1)
+        ops.radix_histogram(g, [0], radix.initial_state([3], [10], [0], radix.KEY_FORMATS[torch.float16]), hist, "f16")
+    with pytest.raises(RuntimeError, match=rf"hist must be .*\[1, {radix.HIST_COLUMNS}\]"):
+        ops.radix_histogram(g, [0], state, hist[:, : radix.BINS], "f32")
+    with pytest.raises(RuntimeError, match=r"state must be .*\[scopes, 10\]"):
+        ops.radix_histogram(g, [0], state[:, :3], hist, "f32")
     with pytest.raises(RuntimeError, match="scope_of\\[0\\] = 4 is not a row of state"):
-        ops.radix_histogram(g, [4], state, hist, "f32", 20, 11)
-    with pytest.raises(RuntimeError, match="does not fit the 31-bit keys"):
-        ops.radix_histogram(g, [0], state, hist, "f32", 21, 11)
+        ops.radix_histogram(g, [4], state, hist, "f32")
+    bad = state.clone()
+    bad[0, radix.SHIFT] -= 1  # the whole key range in twice as many bins as there are
+    with pytest.raises(RuntimeError, match=f"is not an interval of 31-bit keys in at most {radix.BINS} bins"):
+        ops.radix_histogram(g, [0], bad, hist, "f32")
+
+
+# --- radix_select: the C++ copy of radix.select_bins ----------------------------------------------
+
+
+def random_selection(gen, fmt, *, sampled: bool, slack: bool):
+    """A state of 64 scopes in various phases and a histogram consistent with it."""
+    scopes = 64
+    numels = torch.randint(1, 1 << 40, (scopes,), generator=gen).tolist()
+    ks = [int(torch.randint(0, n + 1, (), generator=gen)) for n in numels]
+    ks[:3] = [0, numels[1], 1]  # nothing kept, everything kept, one kept
+    slacks = [int(torch.randint(0, 1000, (), generator=gen)) if slack else 0 for _ in range(scopes)]
+    state = radix.initial_state(ks, numels, slacks, fmt)
+    state[:, radix.SAMPLE] = 3 if sampled else 0
+    if not sampled:  # later passes: intervals strictly inside the proven one, some one key wide
+        quarter = min(fmt.key_max // 4, 1 << 40)
+        lo = torch.randint(1, quarter, (scopes,), generator=gen)
+        width = torch.randint(0, quarter, (scopes,), generator=gen) >> torch.randint(0, 41, (scopes,), generator=gen)
+        state[:, radix.LO], state[:, radix.LAST] = lo, lo + width
+        state[:, radix.KNOWN_LO], state[:, radix.KNOWN_LAST] = lo // 2, lo + 2 * width + 1
+        state[:, radix.SHIFT] = ((width[:, None] >> torch.arange(64)) > 0).sum(-1).sub(radix.RADIX_BITS).clamp(min=0)
+    state[5, radix.DONE] = 1
+    hist = torch.zeros(scopes, radix.HIST_COLUMNS, dtype=torch.int64)
+    sparse = torch.rand(scopes, radix.BINS, generator=gen) < 0.05
+    hist[:, : radix.BINS] = torch.randint(0, 1 << 20, (scopes, radix.BINS), generator=gen) * sparse
+    hist[:, radix.ABOVE] = torch.randint(0, 1 << 30, (scopes,), generator=gen) * (~torch.tensor(sampled))
+    hist[7] = 0  # an empty sample / interval
+    bins = ((state[:, radix.LAST] - state[:, radix.LO]) >> state[:, radix.SHIFT]) + 1
+    hist[:, : radix.BINS] *= torch.arange(radix.BINS) < bins[:, None]  # nothing outside the interval
+    return hist, state
+
+
+@pytest.mark.parametrize("key_format", ["f16", "f32", "f64"])
+@pytest.mark.parametrize("phase", ["sampled", "exact", "approx"])
+def test_cpp_select_equals_select_bins(key_format, phase):
+    """csrc/radix_select.cpp and radix.select_bins take every scope to the same state, bit for bit."""
+    fmt = radix.KEY_FORMATS_BY_NAME[key_format]
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(5):
+        hist, state = random_selection(gen, fmt, sampled=phase == "sampled", slack=phase == "approx")
+        expected = state.clone()
+        radix.select_bins(hist, expected, fmt.key_bits)
+        torch.ops.gmt_kernels.radix_select(hist, state, fmt.key_bits)
+        assert torch.equal(state, expected)
+        assert (state[:, radix.DONE] == 1).any() or phase == "sampled"
+
+
+def test_cpp_constants_match_radix_py():
+    """csrc/radix.h restates radix.py's layout and sample constants; they must agree."""
+    header = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "radix.h")).read()
+    def constant(name):
+        import re
+        return float(re.search(rf"{name} = ([0-9.]+)", header).group(1))
+    assert constant("kRadixBits") == radix.RADIX_BITS and constant("kSampleBlock") == radix.SAMPLE_BLOCK
+    assert constant("kSampleSigmas") == radix.SAMPLE_SIGMAS
+    assert constant("kSampleDesignEffect") == radix.SAMPLE_DESIGN_EFFECT
+    assert "LO, LAST, SHIFT, SAMPLE, DONE, K, NUMEL, SLACK, KNOWN_LO, KNOWN_LAST, kStateColumns" in header
+    assert [radix.LO, radix.KNOWN_LAST, radix.STATE_COLUMNS] == [0, 9, 10]
+    assert "0x9E3779B1" in header and "0x85EBCA77" in header
 
 
 # --- masked_adamw ---------------------------------------------------------------------------------
@@ -316,7 +430,7 @@ def test_auto_on_cpu_runs_the_cpp_kernels_without_fallback():
     assert out.returncode == 0, out.stderr
     backend, ops, kept = out.stdout.strip().splitlines()[-3:]
     assert backend == "cpu"
-    assert ops.split() == ["gmt_kernels::masked_adamw", "gmt_kernels::radix_histogram"]
+    assert ops.split() == ["gmt_kernels::masked_adamw", "gmt_kernels::radix_histogram", "gmt_kernels::radix_select"]
     assert int(kept) == 36500  # k of 73000 entries with distinct scores
 
 

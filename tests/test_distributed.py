@@ -24,8 +24,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from gmt_kernels import GMTAdamW, available_backends, magnitude_threshold
+from gmt_kernels import GMTAdamW, available_backends, magnitude_threshold, radix
 from oracle import keep_count, kth_largest
+
+# What a step of one sharded float32 scope (these tests' models are too small to sample) all-reduces:
+# one histogram per pass, then the kept count.
+HISTOGRAMS_THEN_KEPT = [radix.HIST_COLUMNS * 8] * radix.KEY_FORMATS[torch.float32].passes(False) + [8]
 
 BACKENDS = ["reference"] + (["cpu"] if available_backends()["cpu"] is None else [])
 STEPS = 3
@@ -476,11 +480,12 @@ def test_fsdp_approx_threshold_within_semantics_bound(world):
 
 
 def test_fsdp_communication_is_one_histogram_per_pass(world):
-    """Issue 6: a global float32 exact threshold costs 3 all-reduces of [1, 2048] int64 histograms
-    (11-, 11- and 9-bit digits) plus one of the kept count, whatever the model size."""
+    """Issue 6: a global float32 exact threshold costs one all-reduce of a [1, radix.HIST_COLUMNS]
+    int64 histogram per pass (radix.max_passes of the scope) plus one of the kept count, whatever
+    the model size."""
     run = result(world, ("fsdp", "reference", "exact", "global"))
     for sizes in run["all_reduce_bytes"]:
-        assert sizes == [2048 * 8, 2048 * 8, 512 * 8, 8]
+        assert sizes == HISTOGRAMS_THEN_KEPT
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -564,7 +569,7 @@ def test_replicas_beside_shards_are_counted_once(world, scope):
         for got, want in zip(run["params"], params):
             torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
         for sizes in run["all_reduce_bytes"]:  # one row (the sharded scope) per pass, then its kept count
-            assert sizes == [2048 * 8, 2048 * 8, 512 * 8, 8]
+            assert sizes == HISTOGRAMS_THEN_KEPT
     for step, step_grads in enumerate(grads):
         if scope == "global":
             numel = sum(g.numel() for g in step_grads)
@@ -585,5 +590,5 @@ def test_hsdp_reduces_over_the_shard_dim_and_checkpoints(world):
         assert other["stats"] == run["stats"] and other["same_state"]
         shard_group = [r for r in range(size) if r // (size // 2) == rank // (size // 2)]
         assert other["group_ranks"] == shard_group
-        assert other["all_reduce_bytes"] == [2048 * 8, 2048 * 8, 512 * 8, 8]
+        assert other["all_reduce_bytes"] == HISTOGRAMS_THEN_KEPT
     assert names

@@ -76,13 +76,14 @@ LAYOUT = [(0, (HIST_CHUNK + 77,)), (0, (3, 5)), (0, ()), (1, (0,)), (1, (1000,))
 
 def run_passes(backend, grads, scope_of, ks, slack, fmt):
     """Every pass of the shared loop with this backend; returns the histograms and the final state."""
-    state = radix.initial_state(torch.tensor(ks))
+    numels = [sum(g.numel() for g, s in zip(grads, scope_of) if s == row) for row in range(len(ks))]
+    state = radix.initial_state(ks, numels, slack, fmt)
     hists = []
-    for shift, width in fmt.passes:
-        hist = torch.zeros(len(ks), 1 << width, dtype=torch.int64)
-        backend.radix_histogram(grads, scope_of, state, hist, key_format=fmt, shift=shift, width=width)
+    for _ in range(radix.max_passes(fmt, numels)):
+        hist = torch.zeros(len(ks), radix.HIST_COLUMNS, dtype=torch.int64)
+        backend.radix_histogram(grads, scope_of, state, hist, key_format=fmt)
         hists.append(hist)
-        radix.select_bins(hist, state, torch.tensor(slack), shift)
+        radix.select_bins(hist, state, fmt.key_bits)
     return hists, state
 
 
@@ -90,9 +91,11 @@ def run_passes(backend, grads, scope_of, ks, slack, fmt):
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16,), (torch.float16,), (torch.float64,),
                                     (torch.float32, torch.bfloat16, torch.float16), (torch.float64, torch.bfloat16)],
                          ids=["f32", "bf16", "f16", "f64", "f32+bf16+f16", "f64+bf16"])
-def test_histogram_passes_match_reference(case, dtypes):
+def test_histogram_passes_match_reference(case, dtypes, monkeypatch):
     """Every pass's histogram equals the reference's, for every key format (mixed dtypes in one
-    scope included), and the exact threshold equals the k-th largest score found by sorting."""
+    scope included), with scope 0 starting from a sample (SAMPLE_MIN_BLOCKS lowered so that a scope
+    of this size samples), and the exact threshold equals the k-th largest score found by sorting."""
+    monkeypatch.setattr(radix, "SAMPLE_MIN_BLOCKS", 1)
     fmt = radix.key_format_for(dtypes)
     grads = [SCORES[case](math.prod(shape)).reshape(shape).to(dtypes[i % len(dtypes)])
              for i, (_, shape) in enumerate(LAYOUT)]
@@ -101,6 +104,7 @@ def test_histogram_passes_match_reference(case, dtypes):
     ks = [radix.kept_count(n, 0.7) for n in numels]
     ours, state = run_passes(tb, grads, scope_of, ks, [0, 0, 0], fmt)
     theirs, ref_state = run_passes(reference, grads, scope_of, ks, [0, 0, 0], fmt)
+    assert radix.sample_log2(numels[0]) > 0  # scope 0 starts with a sample
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
     assert torch.equal(state, ref_state)
@@ -108,27 +112,35 @@ def test_histogram_passes_match_reference(case, dtypes):
         scores = torch.cat([g.reshape(-1).double().abs() for g, s in zip(grads, scope_of) if s == row])
         scores = torch.where(scores.isnan(), math.inf, scores)
         expected = scores.sort(descending=True).values[ks[row] - 1].item()
-        found = radix.keys_to_threshold(state[row, radix.PREFIX], fmt).item()
+        found = radix.keys_to_threshold(radix.result_keys(state)[row], fmt).item()
         assert found == expected or (math.isnan(found) and expected == math.inf)
 
 
-def test_done_scopes_are_skipped_and_prefix_is_honoured():
-    """state[s, DONE] = 1: nothing counted for s; otherwise only keys sharing the prefix's high bits."""
+def test_done_scopes_are_skipped_and_intervals_are_honoured():
+    """state[s, DONE] = 1: nothing counted for s; otherwise keys in [LO, LAST] by (key - LO) >> SHIFT,
+    keys above LAST in ABOVE, non-finite ones in NONFINITE; a sampled scope counts its picked blocks."""
     fmt = radix.KEY_FORMATS[torch.float32]
-    grads = [torch.randn(5000), torch.randn(300), torch.randn(40)]
-    scope_of = [0, 1, 2]
-    shift, width = fmt.passes[1]
+    grads = [torch.randn(5000), torch.randn(300), torch.randn(40), torch.randn(3000)]
+    grads[0][::97] = math.inf
+    scope_of = [0, 1, 2, 3]
     key0 = radix.score_keys(grads[0], fmt)
-    state = torch.zeros(3, 3, dtype=torch.int64)
-    state[0, radix.PREFIX] = key0.max()  # scope 0: the bin of its largest score
+    state = radix.initial_state([1, 1, 1, 1], [5000, 300, 40, 3000], [0, 0, 0, 0], fmt)
+    lo, last = int(key0.median()), int(key0.median()) + 3000
+    state[0, radix.LO], state[0, radix.LAST], state[0, radix.SHIFT] = lo, last, 1
     state[1, radix.DONE] = 1
-    hist = torch.zeros(3, 1 << width, dtype=torch.int64)
-    tb.radix_histogram(grads, scope_of, state, hist, key_format=fmt, shift=shift, width=width)
-    hi = shift + width
-    match = key0[(key0 >> hi) == (key0.max() >> hi)]
-    assert torch.equal(hist[0], torch.bincount((match >> shift) & ((1 << width) - 1), minlength=1 << width))
+    state[2, radix.LO] = fmt.inf_key  # no N(0, 1) score is in [inf, key_max]: all below
+    state[3, radix.SAMPLE] = 1
+    hist = torch.zeros(4, radix.HIST_COLUMNS, dtype=torch.int64)
+    tb.radix_histogram(grads, scope_of, state, hist, key_format=fmt)
+    inside = key0[(key0 >= lo) & (key0 <= last)]
+    assert torch.equal(hist[0, : radix.BINS], torch.bincount((inside - lo) >> 1, minlength=radix.BINS))
+    assert hist[0, radix.ABOVE] == (key0 > last).sum() and hist[0, radix.NONFINITE] == 5000 // 97 + 1
     assert hist[1].sum() == 0  # done: not even read
-    assert hist[2].sum() == 0  # prefix 0 at this digit: no N(0, 1) score is that small
+    assert hist[2, : radix.ABOVE + 1].sum() == 0
+    picked = radix.sampled_blocks(torch.arange(3000) // radix.SAMPLE_BLOCK, 3, 1)
+    expected = torch.bincount(radix.score_keys(grads[3][picked], fmt) >> (fmt.key_bits - radix.RADIX_BITS),
+                              minlength=radix.BINS)
+    assert torch.equal(hist[3, : radix.BINS], expected) and 0 < expected.sum() < 3000
 
 
 def count_launches(monkeypatch, module, name):
@@ -149,16 +161,16 @@ def test_one_histogram_launch_for_many_tensors(monkeypatch):
     launches = count_launches(monkeypatch, triton_histogram, "radix_histogram_kernel")
     fmt = radix.KEY_FORMATS[torch.float32]
     grads = [torch.randn(n) for n in range(1, 61)]
-    state = radix.initial_state(torch.tensor([100, 100]))
-    hist = torch.zeros(2, 1 << 11, dtype=torch.int64)
+    state = radix.initial_state([100, 100], [900, 930], [0, 0], fmt)
+    hist = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
     scope_of = [i % 2 for i in range(60)]
-    tb.radix_histogram(grads, scope_of, state, hist, key_format=fmt, shift=20, width=11)
+    tb.radix_histogram(grads, scope_of, state, hist, key_format=fmt)
     assert len(launches) == 1 and launches[0] == (60,)
     expected = torch.zeros_like(hist)
-    reference.radix_histogram(grads, scope_of, state, expected, key_format=fmt, shift=20, width=11)
+    reference.radix_histogram(grads, scope_of, state, expected, key_format=fmt)
     assert torch.equal(hist, expected)
     grads += [torch.randn(33).to(torch.bfloat16) for _ in range(20)]
-    tb.radix_histogram(grads, [i % 2 for i in range(80)], state, hist, key_format=fmt, shift=20, width=11)
+    tb.radix_histogram(grads, [i % 2 for i in range(80)], state, hist, key_format=fmt)
     assert len(launches) == 3  # + one per dtype
 
 
@@ -167,13 +179,13 @@ def test_histogram_of_views_unaligned_and_strided():
     fmt = radix.KEY_FORMATS[torch.float32]
     base = torch.randn(10000)
     grads = [base[1:4001], base[4003:4003 + 97 * 51].reshape(97, 51).t(), torch.randn(40, 30)[:, ::3], torch.randn(6, 7).t()]
-    state = radix.initial_state(torch.tensor([10, 10]))
-    for shift, width in fmt.passes[:1]:
-        ours = torch.zeros(2, 1 << width, dtype=torch.int64)
-        theirs = torch.zeros_like(ours)
-        tb.radix_histogram(grads, [0, 1, 0, 1], state, ours, key_format=fmt, shift=shift, width=width)
-        reference.radix_histogram(grads, [0, 1, 0, 1], state, theirs, key_format=fmt, shift=shift, width=width)
-        assert torch.equal(ours, theirs)
+    state = radix.initial_state([10, 10], [4000 + 400, 97 * 51 + 42], [0, 0], fmt)
+    state[1, radix.SAMPLE] = 1  # blocks of a transpose are picked in memory order
+    ours = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
+    theirs = torch.zeros_like(ours)
+    tb.radix_histogram(grads, [0, 1, 0, 1], state, ours, key_format=fmt)
+    reference.radix_histogram(grads, [0, 1, 0, 1], state, theirs, key_format=fmt)
+    assert torch.equal(ours, theirs)
 
 
 def huge_tensor_table(buffer: torch.Tensor, start: int, extra_columns=()):
@@ -190,15 +202,18 @@ def test_histogram_offsets_beyond_2_31():
     start = 2**31 + HIST_CHUNK  # a multiple of CHUNK past 2**31
     buf = torch.randn(HIST_CHUNK)
     ptr, numel, first = huge_tensor_table(buf, start)
-    table = torch.tensor([[ptr, 0, numel, first]], dtype=torch.int64)
-    state = radix.initial_state(torch.tensor([5]))
-    hist = torch.zeros(1, 2048, dtype=torch.int64)
+    table = torch.tensor([[ptr, 0, 0, numel, first]], dtype=torch.int64)
+    fmt = radix.KEY_FORMATS[torch.float32]
+    state = radix.initial_state([5], [numel], [0], fmt)
+    state[0, radix.SAMPLE] = 2  # the picked blocks' indices are past 2**21 too
+    hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
     triton_histogram.radix_histogram_kernel[(1,)](
-        table, torch.zeros(1, dtype=torch.int32), state, hist, 20, 11, GRAD=triton_histogram.tl.float32,
-        KEY_FLOAT=triton_histogram.tl.float32, ALIGNED=False, BINS=2048, BLOCK=triton_histogram.BLOCK,
-        ITERS=triton_histogram.ITERS)
-    expected = torch.bincount(radix.score_keys(buf, radix.KEY_FORMATS[torch.float32]) >> 20, minlength=2048)
-    assert torch.equal(hist[0], expected)
+        table, torch.zeros(1, dtype=torch.int32), state, hist, GRAD=triton_histogram.tl.float32,
+        KEY_FLOAT=triton_histogram.tl.float32, INF_KEY=fmt.inf_key, ALIGNED=False, BINS=radix.BINS,
+        BLOCK=triton_histogram.BLOCK, ITERS=triton_histogram.ITERS, STATE_COLUMNS=radix.STATE_COLUMNS)
+    picked = radix.sampled_blocks((start + torch.arange(HIST_CHUNK)) // radix.SAMPLE_BLOCK, 0, 2)
+    expected = torch.bincount(radix.score_keys(buf[picked], fmt) >> (fmt.key_bits - radix.RADIX_BITS), minlength=radix.BINS)
+    assert torch.equal(hist[0, : radix.BINS], expected) and 0 < expected.sum() < HIST_CHUNK
 
 
 @pytest.mark.parametrize("case", ["normal", "all_equal", "mostly_zeros", "huge", "denormal", "40_decades"])
@@ -207,7 +222,7 @@ def test_approximate_threshold_bound(case):
     n, ratio = (1 << 16) + 123, 0.9
     grads = [SCORES[case](n - 1000).float(), SCORES[case](1000).float()]
     k, slack = radix.kept_count(n, ratio), radix.rank_slack(n, exact=False)
-    sel = select_thresholds([Scope(grads, k, slack)], radix.KEY_FORMATS[torch.float32],
+    sel = select_thresholds([Scope(grads, k, slack, n)], radix.KEY_FORMATS[torch.float32],
                             lambda g: resolve("triton", g.device, g.dtype), CPU)
     t = sel.thresholds[0].item()
     scores = torch.cat([g.abs() for g in grads]).double().sort(descending=True).values

@@ -3,12 +3,15 @@
 A backend is two functions with fixed signatures (the way torch.optim.adamw dispatches to
 _single_tensor_adamw / _multi_tensor_adamw / _fused_adamw):
 
-radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width) -> None
+radix_histogram(grads, scope_of, state, hist, *, key_format) -> None
     grads: tensors on one device (any float dtypes). scope_of: list[int], the scope row of each.
-    state: int64 [S, 3] (radix.PREFIX, K_REMAINING, DONE), hist: int64 [S, 2**width], on that device.
-    For every entry of grads[i] with scope s = scope_of[i], state[s, DONE] == 0 and
-    key >> (shift + width) == state[s, PREFIX] >> (shift + width), where key = radix.score_keys:
-        hist[s, (key >> shift) & (2**width - 1)] += 1
+    state: int64 [S, radix.STATE_COLUMNS], hist: int64 [S, radix.HIST_COLUMNS], on that device.
+    With (LO, LAST, SHIFT, SAMPLE, DONE) = state[s, :5], for every entry of grads[i] with scope
+    s = scope_of[i], DONE == 0, whose block is sampled (radix.sampled_blocks(j // SAMPLE_BLOCK, i,
+    SAMPLE), j = the entry's index in memory order, `memory_order_view`), and key = radix.score_keys:
+        hist[s, (key - LO) >> SHIFT] += 1     if LO <= key <= LAST
+        hist[s, radix.ABOVE] += 1             if key > LAST
+        hist[s, radix.NONFINITE] += 1         if key >= key_format.inf_key
     It must not copy the gradients (extra memory O(bins)) nor synchronise with the host.
 
 masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
@@ -48,9 +51,6 @@ class Backend:
     # Device types for which "auto" picks this backend. The Triton interpreter can serve CPU tensors,
     # but only for testing: "auto" takes triton for CUDA tensors and the C++ kernels for CPU ones.
     auto_devices: tuple[str, ...] = ()
-    # The widest radix digit its radix_histogram counts efficiently (>= 11: a first digit must hold
-    # the whole exponent). The pass loop takes the narrowest of the backends in a selection.
-    max_digit_bits: int = 11
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -163,3 +163,24 @@ def _import_backend_module(module: str) -> Callable[[], None]:
 register_loader("reference", _import_backend_module("reference"))
 register_loader("triton", _import_backend_module("triton"))  # gmt_kernels/backends/triton/
 register_loader("cpu", _import_backend_module("cpu"))  # wraps the C++ extension gmt_kernels._C
+
+
+def memory_order_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """A 1-D view of t's entries in memory order if they fill a dense block (any dense layout, e.g.
+    a transpose or channels_last), else None. Histograms read gradients in this order (a sample
+    picks blocks of it); a strided view with holes is read through a contiguous copy."""
+    if t.is_contiguous():
+        return t.reshape(-1)
+    if _dense_in_some_order(t):
+        return t.as_strided((t.numel(),), (1,))
+    return None
+
+
+def _dense_in_some_order(t: torch.Tensor) -> bool:
+    """The strides, smallest first, are 1, size, size*size', ...: every entry once, no holes."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -9,28 +9,31 @@ from __future__ import annotations
 
 import torch
 
-from . import Backend, register
-from ..radix import DONE, PREFIX, score_keys
+from . import Backend, memory_order_view, register
+from .. import radix
+from ..radix import ABOVE, BINS, DONE, LAST, LO, NONFINITE, SAMPLE, SAMPLE_BLOCK, SHIFT, score_keys
 
 CHUNK = 1 << 20
 
 
-def radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width):
-    hi = shift + width
-    for grad, s in zip(grads, scope_of):
-        flat = grad.reshape(-1)
-        prefix_hi = state[s, PREFIX] >> hi
-        counting = state[s, DONE] == 0
+def radix_histogram(grads, scope_of, state, hist, *, key_format):
+    for index, (grad, s) in enumerate(zip(grads, scope_of)):
+        flat = memory_order_view(grad)
+        if flat is None:
+            flat = grad.reshape(-1)  # a view with holes: a copy of this one tensor
+        lo, last, shift, done = state[s, LO], state[s, LAST], state[s, SHIFT], state[s, DONE]
         for start in range(0, flat.numel(), CHUNK):
             keys = score_keys(flat[start : start + CHUNK], key_format)
-            match = counting & ((keys >> hi) == prefix_hi)
-            digit = (keys >> shift) & ((1 << width) - 1)
-            # Entries that do not match land in an extra bin that is dropped. (A fixed-size
-            # scatter_add, not bincount, whose data-dependent size torch.compile cannot trace.)
-            binned = torch.where(match, digit, 1 << width)
-            counts = torch.zeros((1 << width) + 1, dtype=torch.int64, device=hist.device)
+            block = torch.arange(start, start + keys.numel(), device=keys.device) // SAMPLE_BLOCK
+            counted = (done == 0) & radix.sampled_blocks(block, index, state[s, SAMPLE])
+            in_range = counted & (keys >= lo) & (keys <= last)
+            # Bins, then ABOVE; entries counted nowhere land in one more bin that is dropped. (A
+            # fixed-size scatter_add, not bincount, whose data-dependent size torch.compile cannot trace.)
+            binned = torch.where(in_range, (keys - lo) >> shift, torch.where(counted & (keys > last), ABOVE, ABOVE + 1))
+            counts = torch.zeros(ABOVE + 2, dtype=torch.int64, device=hist.device)
             counts.scatter_add_(0, binned, torch.ones_like(binned))
-            hist[s] += counts[: 1 << width]
+            hist[s, : BINS + 1] += counts[: BINS + 1]
+            hist[s, NONFINITE] += (counted & (keys >= key_format.inf_key)).sum()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

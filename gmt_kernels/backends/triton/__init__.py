@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ... import ops
-from ...radix import KEY_FORMATS
+from ...radix import KEY_FORMATS_BY_NAME
 from .. import Backend, register
 from .. import reference
 from .adamw import launch_masked_adamw
@@ -67,9 +67,9 @@ def _ops_for(device: torch.device) -> tuple:
     return torch.ops.gmt_kernels.radix_histogram, torch.ops.gmt_kernels.masked_adamw
 
 
-def radix_histogram(grads, scope_of, state, hist, *, key_format, shift, width) -> None:
+def radix_histogram(grads, scope_of, state, hist, *, key_format) -> None:
     histogram_op, _ = _ops_for(hist.device)
-    histogram_op(list(grads), list(scope_of), state, hist, key_format.name, shift, width)
+    histogram_op(list(grads), list(scope_of), state, hist, key_format.name)
 
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
@@ -85,17 +85,14 @@ def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, t
 
 # ---- the operator kernels ------------------------------------------------------------------------
 
-_KEY_FORMAT_BY_NAME = {fmt.name: fmt for fmt in KEY_FORMATS.values()}
-
-
-def _histogram_kernel(grads, scope_of, state, hist, key_format, shift, width) -> None:
-    fmt = _KEY_FORMAT_BY_NAME.get(key_format)
+def _histogram_kernel(grads, scope_of, state, hist, key_format) -> None:
+    fmt = KEY_FORMATS_BY_NAME.get(key_format)
     if fmt is None:
         raise ValueError(
             f"radix_histogram: unknown key_format {key_format!r}; expected one of "
-            f"{', '.join(map(repr, _KEY_FORMAT_BY_NAME))} (radix.key_format_for picks one)."
+            f"{', '.join(map(repr, KEY_FORMATS_BY_NAME))} (radix.key_format_for picks one)."
         )
-    launch_histogram(grads, scope_of, state, hist, key_format=fmt, shift=shift, width=width)
+    launch_histogram(grads, scope_of, state, hist, key_format=fmt)
 
 
 def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .histogram import TORCH_TO_TRITON, widen
-from .tables import flat_storage_view, is_aligned, launch_table
+from .. import memory_order_view
+from .tables import is_aligned, launch_table
 
 # 4 warps x 16 bytes of each tensor per thread per iteration (one 128-bit access: 4 fp32 or 8
 # 16-bit entries; fp64 takes two), 8 iterations per program: 8-16 KiB of each of g/p/m/v per
@@ -244,7 +245,7 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
         tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
         if p.numel() == 0:
             continue
-        flats = [flat_storage_view(x) for x in tensors]
+        flats = [memory_order_view(x) for x in tensors]
         if any(f is None for f in flats) or any(x.stride() != p.stride() or x.dtype != dtype for x in tensors):
             fallback(i)  # e.g. a gradient laid out unlike its parameter: rare, handled tensor by tensor
             continue

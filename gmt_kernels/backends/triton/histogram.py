@@ -1,11 +1,12 @@
-"""The radix histogram pass (Backend.radix_histogram) as one Triton launch per gradient dtype.
+"""The histogram pass (Backend.radix_histogram) as one Triton launch per gradient dtype.
 
 Each program takes one CHUNK of one tensor (see tables.py), turns |g| into its integer key in the
-scope's key format, keeps the entries whose bits above this pass's digit equal the scope's prefix,
-histograms their digit in registers (tl.histogram) over CHUNK entries, and adds that histogram to
-the global one with one vector atomic. Programs of finished scopes (DONE) return before reading a
-byte: later passes cost only the scopes still being refined. Nothing is copied, nothing returns to
-the host.
+scope's key format, histograms the keys inside the scope's interval [LO, LAST] by (key - LO) >>
+SHIFT in registers (tl.histogram) over CHUNK entries, counts the keys above LAST and the
+non-finite ones, and adds all of it to the global histogram with one vector atomic and two scalar
+ones. Programs of finished scopes (DONE) return before reading a byte; in a sampled pass a program
+skips the BLOCKs the sample does not pick (a BLOCK is one radix.SAMPLE_BLOCK), so a pass costs only
+what it reads. Nothing is copied, nothing returns to the host.
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ...radix import RADIX_BITS, KeyFormat
-from .tables import flat_storage_view, is_aligned, launch_table
+from ... import radix
+from ...radix import KeyFormat
+from .. import memory_order_view
+from .tables import is_aligned, launch_table
 
-# 4 warps x 16 entries per thread per iteration; 16 iterations per program. A program's private
-# histogram (2048 bins) is flushed with one atomic per non-empty bin, so it must cover enough
+# 4 warps x 8 entries per thread per iteration; 16 iterations per program. A program's private
+# histogram (radix.BINS bins) is flushed with one atomic per non-empty bin, so it must cover enough
 # entries to make that flush cheap (~0.1 atomic per entry at most) while leaving enough programs
-# to fill the GPU (a 1e8-entry model gives 6100 programs).
-BLOCK = 1024
+# to fill the GPU (a 1e8-entry model gives 6100 programs). One iteration is one sample block.
+BLOCK = radix.SAMPLE_BLOCK
 ITERS = 16
 CHUNK = BLOCK * ITERS
 NUM_WARPS = 4
-MAX_BINS = 1 << RADIX_BITS  # widths are runtime: one compiled kernel serves every pass
+BINS = radix.BINS
 
 TORCH_TO_TRITON = {
     torch.float16: tl.float16,
@@ -62,94 +65,125 @@ def _keys(g, KEY_FLOAT: tl.constexpr):
 
 
 @triton.jit
-def _count(g, valid, prefix_hi, hi, shift, digit_mask, KEY_FLOAT: tl.constexpr, BINS: tl.constexpr):
+def _count(g, valid, lo, last, shift, KEY_FLOAT: tl.constexpr, INF_KEY: tl.constexpr, BINS: tl.constexpr):
+    """(bins, above, nonfinite) of one block of gradients under the scope's interval."""
     key = _keys(g, KEY_FLOAT)
-    match = valid & ((key >> hi) == prefix_hi)
-    digit = ((key >> shift) & digit_mask).to(tl.int32)
-    return tl.histogram(digit, BINS, mask=match)
+    inside = valid & (key >= lo) & (key <= last)
+    digit = ((key - lo) >> shift).to(tl.int32)
+    counts = tl.histogram(digit, BINS, mask=inside)
+    above = tl.sum((valid & (key > last)).to(tl.int32), axis=0)
+    nonfinite = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), axis=0)
+    return counts, above, nonfinite
+
+
+@triton.jit
+def _sampled(block, salt, log2):
+    """radix.sampled_blocks for one block (int64), in 32-bit arithmetic that wraps as the hash's
+    mod 2**32 does; salt: the tensor's term of the hash (uint32), log2: int32."""
+    h = (block & 0x7FFFFFFF).to(tl.uint32) * 0x9E3779B1 + salt
+    return ((h >> (31 - log2)) >> 1) == 0  # h >> (32 - log2), defined for log2 = 0 too
 
 
 @triton.jit
 def radix_histogram_kernel(
-    table,  # int64 [n, 4]: data_ptr, scope row, numel, first chunk
+    table,  # int64 [n, 5]: data_ptr, scope row, index in the call, numel, first chunk
     chunk_owner,  # int32 [chunks]
-    state,  # int64 [S, 3]
-    hist,  # int64 [S, 2**width]
-    shift,
-    width,
+    state,  # int64 [S, STATE_COLUMNS]
+    hist,  # int64 [S, BINS + 2]
     GRAD: tl.constexpr,  # element type of every gradient of this launch
     KEY_FLOAT: tl.constexpr,  # float type of the key format
+    INF_KEY: tl.constexpr,  # the format's smallest non-finite key
     ALIGNED: tl.constexpr,  # every data_ptr is 16-byte aligned: allow 128-bit loads
     BINS: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
+    STATE_COLUMNS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_owner + pid).to(tl.int64)
-    row = table + t * 4  # columns: data_ptr, scope row, numel, first chunk (tables.py)
+    row = table + t * 5
     scope = tl.load(row + 1)
-    # state columns (radix.py): PREFIX 0, K_REMAINING 1, DONE 2
-    if tl.load(state + scope * 3 + 2) != 0:  # DONE: this scope needs no more passes
+    scope_state = state + scope * STATE_COLUMNS  # columns (radix.py): LO, LAST, SHIFT, SAMPLE, DONE, ...
+    if tl.load(scope_state + 4) != 0:  # DONE: this scope needs no more passes
         return
-    numel = tl.load(row + 2)
-    start = (pid - tl.load(row + 3)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
+    salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)  # the tensor's index
+    numel = tl.load(row + 3)
+    start = (pid - tl.load(row + 4)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
     ptr = tl.load(row).to(tl.pointer_type(GRAD))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     base = ptr + start
 
-    hi = shift + width
-    prefix = tl.load(state + scope * 3)
+    sample = tl.load(scope_state + 3).to(tl.int32)
     if KEY_FLOAT == tl.float64:
-        prefix_hi = prefix >> hi
-    else:
-        prefix_hi = (prefix >> hi).to(tl.int32)
-    digit_mask = (1 << width) - 1
+        lo = tl.load(scope_state)
+        last = tl.load(scope_state + 1)
+        shift = tl.load(scope_state + 2)
+    else:  # 15- and 31-bit keys are int32
+        lo = tl.load(scope_state).to(tl.int32)
+        last = tl.load(scope_state + 1).to(tl.int32)
+        shift = tl.load(scope_state + 2).to(tl.int32)
     lanes = tl.arange(0, BLOCK)
     counts = tl.zeros([BINS], dtype=tl.int32)
+    above = 0
+    nonfinite = 0
     if start + BLOCK * ITERS <= numel:
         # A full chunk: unmasked loads, which the compiler can vectorise (the mask of a tail
         # would be unknown per lane and force scalar loads).
         for i in range(ITERS):
-            g = tl.load(base + i * BLOCK + lanes)
-            counts += _count(g, lanes >= 0, prefix_hi, hi, shift, digit_mask, KEY_FLOAT, BINS)
+            if _sampled(start // BLOCK + i, salt, sample):
+                g = tl.load(base + i * BLOCK + lanes)
+                c, a, nf = _count(g, lanes >= 0, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
+                counts += c
+                above += a
+                nonfinite += nf
     else:
         remaining = numel - start
         for i in range(tl.cdiv(remaining, BLOCK).to(tl.int32)):
-            offs = i * BLOCK + lanes
-            valid = offs < remaining
-            g = tl.load(base + offs, mask=valid, other=0.0)
-            counts += _count(g, valid, prefix_hi, hi, shift, digit_mask, KEY_FLOAT, BINS)
+            if _sampled(start // BLOCK + i, salt, sample):
+                offs = i * BLOCK + lanes
+                valid = offs < remaining
+                g = tl.load(base + offs, mask=valid, other=0.0)
+                c, a, nf = _count(g, valid, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
+                counts += c
+                above += a
+                nonfinite += nf
+    out = hist + scope * (BINS + 2)
     bins = tl.arange(0, BINS)
-    tl.atomic_add(hist + scope * (1 << width) + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
+    tl.atomic_add(out + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
+    if above > 0:
+        tl.atomic_add(out + BINS, above.to(tl.int64), sem="relaxed")
+    if nonfinite > 0:
+        tl.atomic_add(out + BINS + 1, nonfinite.to(tl.int64), sem="relaxed")
 
 
-def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat, shift: int, width: int) -> None:
-    if not 1 <= width <= RADIX_BITS or hist.shape[-1] != 1 << width:
+def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> None:
+    if hist.dim() != 2 or hist.shape[-1] != radix.HIST_COLUMNS or state.dim() != 2 or state.shape[-1] != radix.STATE_COLUMNS:
         raise ValueError(
-            f"radix_histogram: width {width} with a histogram of {hist.shape[-1]} bins; the triton backend "
-            f"takes digits of 1..{RADIX_BITS} bits and a histogram of exactly 2**width bins."
+            f"radix_histogram: state {tuple(state.shape)} and hist {tuple(hist.shape)}; the triton backend takes "
+            f"state [S, {radix.STATE_COLUMNS}] (radix.initial_state) and hist [S, {radix.HIST_COLUMNS}]."
         )
     for tensor in (state, hist):
         if not tensor.is_contiguous() or tensor.dtype != torch.int64:
             raise ValueError("radix_histogram: state and hist must be contiguous int64 tensors.")
     launches = defaultdict(lambda: ([], []))
     keep_alive = []
-    for grad, scope in zip(grads, scope_of):
+    for index, (grad, scope) in enumerate(zip(grads, scope_of)):
         if grad.numel() == 0:
             continue
-        flat = flat_storage_view(grad)
+        flat = memory_order_view(grad)
         if flat is None:
             # A strided view with holes (rare for gradients): a temporary copy of this one tensor.
             flat = grad.reshape(-1).contiguous()
             keep_alive.append(flat)
         rows, numels = launches[(grad.dtype, is_aligned(flat))]
-        rows.append((flat.data_ptr(), int(scope)))
+        rows.append((flat.data_ptr(), int(scope), index))
         numels.append(flat.numel())
     for (dtype, aligned), (rows, numels) in launches.items():
         lt = launch_table(rows, numels, CHUNK, hist.device)
         radix_histogram_kernel[(lt.num_chunks,)](
-            lt.table, lt.chunk_owner, state, hist, shift, width,
-            GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=TORCH_TO_TRITON[key_format.float_dtype], ALIGNED=aligned,
-            BINS=MAX_BINS, BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS,
+            lt.table, lt.chunk_owner, state, hist,
+            GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=TORCH_TO_TRITON[key_format.float_dtype],
+            INF_KEY=key_format.inf_key, ALIGNED=aligned, BINS=BINS, BLOCK=BLOCK, ITERS=ITERS,
+            STATE_COLUMNS=radix.STATE_COLUMNS, num_warps=NUM_WARPS,
         )

@@ -1,6 +1,6 @@
 """The compiled specialisations this backend ships: what `python -m gmt_kernels.aot` compiles.
 
-Everything that changes per step or per call (shift, width, lr, flags such as maximize/freeze/
+Everything that changes per step or per call (the scope intervals, lr, flags such as maximize/freeze/
 skip) is a runtime argument, so a handful of variants cover every call: the element types, amsgrad
 (whose extra tensor changes the kernel's loads), and 16-byte alignment (which allows 128-bit
 accesses). A call outside this list (e.g. float16 params in a float64-keyed scope) is compiled
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
+from ...radix import KEY_FORMATS, STATE_COLUMNS
 from . import adamw, histogram
 
 
@@ -42,12 +43,12 @@ HISTOGRAM_PAIRS = [
 
 
 def _histogram_specs():
-    signature = (("table", "*i64"), ("chunk_owner", "*i32"), ("state", "*i64"), ("hist", "*i64"),
-                 ("shift", "i32"), ("width", "i32"))
+    signature = (("table", "*i64"), ("chunk_owner", "*i32"), ("state", "*i64"), ("hist", "*i64"))
     for grad, key in HISTOGRAM_PAIRS:
         for aligned in (True, False):
-            constexprs = (("GRAD", grad), ("KEY_FLOAT", key), ("ALIGNED", aligned), ("BINS", histogram.MAX_BINS),
-                          ("BLOCK", histogram.BLOCK), ("ITERS", histogram.ITERS))
+            constexprs = (("GRAD", grad), ("KEY_FLOAT", key), ("INF_KEY", KEY_FORMATS[_TORCH[key]].inf_key),
+                          ("ALIGNED", aligned), ("BINS", histogram.BINS), ("BLOCK", histogram.BLOCK),
+                          ("ITERS", histogram.ITERS), ("STATE_COLUMNS", STATE_COLUMNS))
             label = f"grad={_SHORT[grad]},key={_SHORT[key]},{'aligned' if aligned else 'unaligned'}"
             yield Spec("histogram", label, signature + tuple((n, "constexpr") for n, _ in constexprs), constexprs,
                        histogram.NUM_WARPS)

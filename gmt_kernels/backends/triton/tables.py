@@ -68,23 +68,3 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def is_aligned(*tensors: torch.Tensor) -> bool:
     """True if every tensor starts on a 16-byte boundary: the kernels may then use 128-bit loads."""
     return all(t.data_ptr() % 16 == 0 for t in tensors)
-
-
-def flat_storage_view(t: torch.Tensor) -> torch.Tensor | None:
-    """A 1-D view of t's entries in memory order if they fill a dense block (any dense layout, e.g.
-    channels_last), else None. Element-wise kernels may run over that block directly."""
-    if t.is_contiguous():
-        return t.reshape(-1)
-    if _dense_in_some_order(t):
-        return t.as_strided((t.numel(),), (1,))
-    return None
-
-
-def _dense_in_some_order(t: torch.Tensor) -> bool:
-    """The strides, smallest first, are 1, size, size*size', ...: every entry once, no holes."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True

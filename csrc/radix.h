@@ -1,0 +1,44 @@
+// The layout shared with gmt_kernels/radix.py: histogram and state columns, key formats, and the
+// sample's block hash. Each constant here has its namesake there; tests/test_cpu_backend.py checks
+// that they agree.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace gmt {
+namespace radix {
+
+constexpr int kRadixBits = 12;
+constexpr int64_t kBins = int64_t(1) << kRadixBits;
+constexpr int64_t kAbove = kBins, kNonfinite = kBins + 1, kHistColumns = kBins + 2;
+
+enum StateColumn : int64_t { LO, LAST, SHIFT, SAMPLE, DONE, K, NUMEL, SLACK, KNOWN_LO, KNOWN_LAST, kStateColumns };
+
+constexpr int64_t kSampleBlock = 1024;
+constexpr double kSampleSigmas = 4.0, kSampleDesignEffect = 256.0;
+
+struct KeyFormat {
+  const char* name;
+  int key_bits;
+  int mantissa_bits;
+  uint64_t key_max() const { return (uint64_t(1) << key_bits) - 1; }
+  uint64_t inf_key() const { return ((uint64_t(1) << (key_bits - mantissa_bits)) - 1) << mantissa_bits; }
+};
+constexpr KeyFormat kFormats[] = {{"f16", 15, 10}, {"bf16", 15, 7}, {"f32", 31, 23}, {"f64", 63, 52}};
+
+inline const KeyFormat* find_format(const std::string& name) {
+  for (const auto& f : kFormats) {
+    if (name == f.name) return &f;
+  }
+  return nullptr;
+}
+
+// radix.sampled_blocks: block `block` of the `tensor_index`-th gradient is sampled at 1 / 2**log2.
+inline bool sampled_block(uint64_t block, uint64_t tensor_index, int64_t log2) {
+  const uint64_t h = (((block & 0x7fffffffu) * 0x9E3779B1u) + ((tensor_index & 0x7fffffffu) * 0x85EBCA77u)) & 0xffffffffu;
+  return (h >> (32 - log2)) == 0;
+}
+
+}  // namespace radix
+}  // namespace gmt
