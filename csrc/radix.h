@@ -15,8 +15,8 @@ constexpr int64_t kAbove = kBins, kNonfinite = kBins + 1, kHistColumns = kBins +
 
 enum StateColumn : int64_t { LO, LAST, SHIFT, SAMPLE, DONE, K, NUMEL, SLACK, KNOWN_LO, KNOWN_LAST, kStateColumns };
 
-constexpr int64_t kSampleBlock = 1024;
-constexpr double kSampleSigmas = 4.0, kSampleDesignEffect = 256.0;
+constexpr int64_t kSampleBlock = 64;
+constexpr double kSampleSigmas = 4.0, kSampleDesignEffect = double(kSampleBlock);
 
 struct KeyFormat {
   const char* name;
@@ -34,11 +34,16 @@ inline const KeyFormat* find_format(const std::string& name) {
   return nullptr;
 }
 
-// radix.sampled_blocks: block `block` of the `tensor_index`-th gradient is sampled at 1 / 2**log2.
-inline bool sampled_block(uint64_t block, uint64_t tensor_index, int64_t log2) {
-  const uint64_t h = (((block & 0x7fffffffu) * 0x9E3779B1u) + ((tensor_index & 0x7fffffffu) * 0x85EBCA77u)) & 0xffffffffu;
-  return (h >> (32 - log2)) == 0;
-}
+// radix.sampled_blocks: block j of the tensor with index t in the call has hash
+// h(j) = ((j mod 2^31) * 0x9E3779B1 + (t mod 2^31) * 0x85EBCA77) mod 2^32, so h(j + i) = h(j) + i * kStep
+// while j + i stays below the next multiple of 2^31, and it is sampled at 1 / 2**log2 if the top
+// log2 bits of h(j) are zero.
+struct BlockHash {
+  static constexpr uint32_t kStep = 0x9E3779B1u;
+  uint32_t h;
+  BlockHash(uint64_t block, uint64_t tensor_index)
+      : h(uint32_t((block & 0x7fffffffu) * kStep + (tensor_index & 0x7fffffffu) * 0x85EBCA77u)) {}
+};
 
 }  // namespace radix
 }  // namespace gmt

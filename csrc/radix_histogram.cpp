@@ -136,25 +136,26 @@ __attribute__((always_inline)) inline void count_whole(const Bits* x, int64_t n,
   local.nonfinite += nonfinite;
 }
 
-// Any interval, portable: blocks of keys are tested by (auto-vectorised) code, and counted entry
-// by entry, without branching on each, only when one of them falls in the interval.
+// Any interval, portable: blocks of 64 keys are tested by (auto-vectorised) code; a block with keys
+// in the interval appends their digits to a buffer without a branch per key (store every digit,
+// advance by whether it was inside), and the buffer is counted when full. Counting every key into
+// a "no match" bin instead would chain all the misses on one counter.
 template <class Bits, class KeyFn>
 __attribute__((always_inline)) inline void count_interval(const Bits* x, int64_t n, KeyFn key, const Interval& iv,
                                                           LocalCounts& local) {
   using Key = decltype(key(Bits{}));
-  constexpr int64_t kBlock = 64;
-  uint32_t *h0 = local.copy(0), *h1 = local.copy(1), *h2 = local.copy(2), *h3 = local.copy(3);
+  constexpr int64_t kBlock = 64, kBuffer = 1024;
+  uint32_t buffer[kBuffer + kBlock];
+  int64_t fill = 0;
+  uint32_t* counts = local.copy(0);
   // key - lo <= span as unsigned numbers: below LO wraps around to a value above any span.
   const Key lo = Key(iv.lo), span = Key(iv.last - iv.lo), last = Key(iv.last), inf = Key(iv.inf_key);
   const int shift = iv.shift;
-  auto bin = [&](Key k) -> uint64_t {
-    const Key d = Key(k - lo);
-    return d <= span ? uint64_t(d >> shift) : uint64_t(LocalCounts::kNoMatch);
-  };
-  int64_t above = 0, nonfinite = 0, i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
+  int64_t above = 0, nonfinite = 0;
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
     uint32_t inside = 0, up = 0, bad = 0;
-    for (int64_t j = i; j < i + kBlock; ++j) {
+    for (int64_t j = i; j < i + m; ++j) {
       const Key k = key(x[j]);
       inside += Key(k - lo) <= span;
       up += k > last;
@@ -163,19 +164,17 @@ __attribute__((always_inline)) inline void count_interval(const Bits* x, int64_t
     above += up;
     nonfinite += bad;
     if (inside == 0) continue;
-    for (int64_t j = i; j < i + kBlock; j += 4) {
-      ++h0[bin(key(x[j]))];
-      ++h1[bin(key(x[j + 1]))];
-      ++h2[bin(key(x[j + 2]))];
-      ++h3[bin(key(x[j + 3]))];
+    for (int64_t j = i; j < i + m; ++j) {
+      const Key d = Key(key(x[j]) - lo);
+      buffer[fill] = uint32_t(d >> shift);
+      fill += d <= span;
+    }
+    if (fill >= kBuffer) {
+      for (int64_t b = 0; b < fill; ++b) ++counts[buffer[b]];
+      fill = 0;
     }
   }
-  for (; i < n; ++i) {
-    const Key k = key(x[i]);
-    above += k > last;
-    nonfinite += k >= inf;
-    ++h0[bin(k)];
-  }
+  for (int64_t b = 0; b < fill; ++b) ++counts[buffer[b]];
   local.above += above;
   local.nonfinite += nonfinite;
 }
@@ -286,23 +285,62 @@ void count_interval_avx512(Keys32 kind, const void* data, int64_t n, const Inter
 }
 #endif
 
+// Entries [first, last) of one tensor (the tensor_index-th of the call), or only those of its
+// sampled blocks when sample_log2 > 0.
 template <class Bits, class KeyFn>
-__attribute__((always_inline)) inline void count_span(const void* data, int64_t first, int64_t last, KeyFn key,
-                                                      const Interval& iv, LocalCounts& local) {
-  const Bits* x = static_cast<const Bits*>(data) + first;
-  if (iv.whole) {
-    count_whole(x, last - first, key, iv, local);
-  } else {
-    count_interval(x, last - first, key, iv, local);
+__attribute__((always_inline)) inline void count_piece_typed(const void* data, int64_t first, int64_t last, KeyFn key,
+                                                             const Interval& iv, int64_t sample_log2,
+                                                             uint64_t tensor_index, LocalCounts& local) {
+  const Bits* x = static_cast<const Bits*>(data);
+  auto count_span = [&](int64_t a, int64_t b) {
+    if (iv.whole) {
+      count_whole(x + a, b - a, key, iv, local);
+    } else {
+      count_interval(x + a, b - a, key, iv, local);
+    }
+  };
+  if (sample_log2 == 0) return count_span(first, last);
+  // Blocks are taken 64 at a time: their hashes make a 64-bit mask in vector code, the picked ones
+  // are counted, and the picks of the group two ahead are prefetched (picked blocks are far apart:
+  // reading them would otherwise wait on memory latency block after block).
+  constexpr int64_t kBlock = radix::kSampleBlock, kGroup = 64;
+  const int64_t first_block = first / kBlock, end_block = (last + kBlock - 1) / kBlock;
+  auto picks = [&](int64_t group_start) -> uint64_t {  // a group never straddles the 2^31 wrap of j
+    const uint32_t h0 = radix::BlockHash(uint64_t(group_start), tensor_index).h;
+    uint64_t bits = 0;
+    for (int j = 0; j < kGroup; ++j) {
+      bits |= uint64_t(((h0 + uint32_t(j) * radix::BlockHash::kStep) >> (32 - sample_log2)) == 0) << j;
+    }
+    if (group_start < first_block) bits &= ~uint64_t(0) << (first_block - group_start);
+    if (end_block - group_start < kGroup) bits &= (uint64_t(1) << std::max<int64_t>(end_block - group_start, 0)) - 1;
+    return bits;
+  };
+  auto prefetch = [&](int64_t group_start, uint64_t bits) {
+    for (; bits; bits &= bits - 1) {
+      const char* p = reinterpret_cast<const char*>(x + (group_start + __builtin_ctzll(bits)) * kBlock);
+      for (int64_t line = 0; line < kBlock * int64_t(sizeof(Bits)); line += 64) __builtin_prefetch(p + line);
+    }
+  };
+  const int64_t first_group = first_block & ~(kGroup - 1);
+  prefetch(first_group, picks(first_group));
+  prefetch(first_group + kGroup, picks(first_group + kGroup));
+  for (int64_t group = first_group; group < end_block; group += kGroup) {
+    prefetch(group + 2 * kGroup, picks(group + 2 * kGroup));
+    for (uint64_t bits = picks(group); bits; bits &= bits - 1) {
+      const int64_t block = group + __builtin_ctzll(bits);
+      count_span(std::max(first, block * kBlock), std::min(last, (block + 1) * kBlock));
+    }
   }
 }
 
-// Calls count_span with the key function for (gradient dtype, key format). Compiled per ISA: the
-// block tests are vector code.
-GMT_MULTIVERSION void count_span_portable(at::ScalarType dtype, const std::string& format, const void* data,
-                                          int64_t first, int64_t last, const Interval& iv, LocalCounts& local) {
+// Calls count_piece_typed with the key function for (gradient dtype, key format). Compiled per
+// ISA: the block tests are vector code.
+GMT_MULTIVERSION void count_piece_portable(at::ScalarType dtype, const std::string& format, const void* data,
+                                           int64_t first, int64_t last, const Interval& iv, int64_t sample_log2,
+                                           uint64_t tensor_index, LocalCounts& local) {
   using at::ScalarType;
-#define GMT_COUNT(BITS, KEY) return count_span<BITS>(data, first, last, KEY{}, iv, local)
+#define GMT_COUNT(BITS, KEY) \
+  return count_piece_typed<BITS>(data, first, last, KEY{}, iv, sample_log2, tensor_index, local)
   if (format == "f32") {
     if (dtype == ScalarType::Float) GMT_COUNT(uint32_t, KeySameWidth32);
     if (dtype == ScalarType::BFloat16) GMT_COUNT(uint16_t, KeyBFloat16InF32);
@@ -321,10 +359,12 @@ GMT_MULTIVERSION void count_span_portable(at::ScalarType dtype, const std::strin
   TORCH_CHECK(false, "unreachable: dtype/format pair was validated");
 }
 
-void count_span_any(at::ScalarType dtype, const std::string& format, const void* data, int64_t first, int64_t last,
-                    const Interval& iv, LocalCounts& local) {
+// A full pass over an interval (the bracket and later passes: most of a step's reading) takes the
+// AVX-512 path where the CPU has it; samples and first passes, the portable one.
+void count_piece(at::ScalarType dtype, const std::string& format, const void* data, int64_t first, int64_t last,
+                 const Interval& iv, int64_t sample_log2, uint64_t tensor_index, LocalCounts& local) {
 #ifdef GMT_HAVE_AVX512_PATH
-  if (!iv.whole && avx512_usable()) {
+  if (!iv.whole && sample_log2 == 0 && avx512_usable()) {
     const Keys32 kind = keys32_kind(dtype, format);
     if (kind != Keys32::kNone) {
       const char* base = static_cast<const char*>(data) + first * at::elementSize(dtype);
@@ -332,20 +372,7 @@ void count_span_any(at::ScalarType dtype, const std::string& format, const void*
     }
   }
 #endif
-  count_span_portable(dtype, format, data, first, last, iv, local);
-}
-
-// Entries [first, last) of one tensor (index `tensor_index` in the call), or only those of its
-// sampled blocks when sample_log2 > 0.
-void count_piece(at::ScalarType dtype, const std::string& format, const void* data, int64_t first, int64_t last,
-                 const Interval& iv, int64_t sample_log2, uint64_t tensor_index, LocalCounts& local) {
-  if (sample_log2 == 0) return count_span_any(dtype, format, data, first, last, iv, local);
-  constexpr int64_t kBlock = radix::kSampleBlock;
-  for (int64_t block = first / kBlock; block * kBlock < last; ++block) {
-    if (!radix::sampled_block(uint64_t(block), tensor_index, sample_log2)) continue;
-    count_span_any(dtype, format, data, std::max(first, block * kBlock), std::min(last, (block + 1) * kBlock), iv,
-                   local);
-  }
+  count_piece_portable(dtype, format, data, first, last, iv, sample_log2, tensor_index, local);
 }
 
 bool format_holds(const std::string& format, at::ScalarType dtype) {

@@ -59,14 +59,15 @@ EXACT_BELOW = 1 << 16  # scopes smaller than this use the exact path even with t
 # tensor) so that periodic structure (rows, heads) cannot line up with the picks. A scope samples
 # 1 / 2**SAMPLE blocks with SAMPLE the largest value <= SAMPLE_MAX_LOG2 that leaves it at least
 # SAMPLE_MIN_BLOCKS blocks; smaller scopes start with a full pass.
-SAMPLE_BLOCK = 1024
-SAMPLE_MIN_BLOCKS = 256
+SAMPLE_BLOCK = 64
+SAMPLE_MIN_BLOCKS = 2048
 SAMPLE_MAX_LOG2 = 5
 # Bracket half-width, in standard deviations of the sampled rank. Entries of one block are often
-# alike (one row, one channel), so the variance of a block sample is taken as SAMPLE_DESIGN_EFFECT
-# times that of a sample of independent entries.
+# alike (one row, one channel). The fraction of a block above any threshold has variance at most
+# p (1 - p), so a sample of blocks of b entries has at most b times the variance of b times as many
+# independent entries: SAMPLE_DESIGN_EFFECT = SAMPLE_BLOCK makes the bracket hold for any data.
 SAMPLE_SIGMAS = 4.0
-SAMPLE_DESIGN_EFFECT = 256.0
+SAMPLE_DESIGN_EFFECT = float(SAMPLE_BLOCK)
 _HASH_BLOCK, _HASH_TENSOR, _HASH_MASK = 0x9E3779B1, 0x85EBCA77, 0xFFFFFFFF
 
 

@@ -257,7 +257,7 @@ def test_cpp_constants_match_radix_py():
         return float(re.search(rf"{name} = ([0-9.]+)", header).group(1))
     assert constant("kRadixBits") == radix.RADIX_BITS and constant("kSampleBlock") == radix.SAMPLE_BLOCK
     assert constant("kSampleSigmas") == radix.SAMPLE_SIGMAS
-    assert constant("kSampleDesignEffect") == radix.SAMPLE_DESIGN_EFFECT
+    assert "kSampleDesignEffect = double(kSampleBlock)" in header and radix.SAMPLE_DESIGN_EFFECT == radix.SAMPLE_BLOCK
     assert "LO, LAST, SHIFT, SAMPLE, DONE, K, NUMEL, SLACK, KNOWN_LO, KNOWN_LAST, kStateColumns" in header
     assert [radix.LO, radix.KNOWN_LAST, radix.STATE_COLUMNS] == [0, 9, 10]
     assert "0x9E3779B1" in header and "0x85EBCA77" in header

@@ -67,7 +67,7 @@ SCORE_CASES = {
 
 @pytest.fixture(params=["full", "sampled"])
 def first_pass(request, monkeypatch):
-    """Scopes of 2**19 entries and more start with a sampled pass (radix.py). With SAMPLE_MIN_BLOCKS
+    """Scopes of 2**18 entries and more start with a sampled pass (radix.py). With SAMPLE_MIN_BLOCKS
     = 1 the small scopes of these tests do too, and so small a sample often misleads the bracket:
     the paths that recover from it run as well."""
     if request.param == "sampled":

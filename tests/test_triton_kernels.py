@@ -210,7 +210,8 @@ def test_histogram_offsets_beyond_2_31():
     triton_histogram.radix_histogram_kernel[(1,)](
         table, torch.zeros(1, dtype=torch.int32), state, hist, GRAD=triton_histogram.tl.float32,
         KEY_FLOAT=triton_histogram.tl.float32, INF_KEY=fmt.inf_key, ALIGNED=False, BINS=radix.BINS,
-        BLOCK=triton_histogram.BLOCK, ITERS=triton_histogram.ITERS, STATE_COLUMNS=radix.STATE_COLUMNS)
+        BLOCK=triton_histogram.BLOCK, ITERS=triton_histogram.ITERS, STATE_COLUMNS=radix.STATE_COLUMNS,
+        SAMPLE_BLOCK=radix.SAMPLE_BLOCK)
     picked = radix.sampled_blocks((start + torch.arange(HIST_CHUNK)) // radix.SAMPLE_BLOCK, 0, 2)
     expected = torch.bincount(radix.score_keys(buf[picked], fmt) >> (fmt.key_bits - radix.RADIX_BITS), minlength=radix.BINS)
     assert torch.equal(hist[0, : radix.BINS], expected) and 0 < expected.sum() < HIST_CHUNK

@@ -4,9 +4,9 @@ Each program takes one CHUNK of one tensor (see tables.py), turns |g| into its i
 scope's key format, histograms the keys inside the scope's interval [LO, LAST] by (key - LO) >>
 SHIFT in registers (tl.histogram) over CHUNK entries, counts the keys above LAST and the
 non-finite ones, and adds all of it to the global histogram with one vector atomic and two scalar
-ones. Programs of finished scopes (DONE) return before reading a byte; in a sampled pass a program
-skips the BLOCKs the sample does not pick (a BLOCK is one radix.SAMPLE_BLOCK), so a pass costs only
-what it reads. Nothing is copied, nothing returns to the host.
+ones. Programs of finished scopes (DONE) return before reading a byte; in a sampled pass only the
+lanes of picked blocks load, so a pass costs what it reads. Nothing is copied, nothing returns to
+the host.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from .tables import is_aligned, launch_table
 # 4 warps x 8 entries per thread per iteration; 16 iterations per program. A program's private
 # histogram (radix.BINS bins) is flushed with one atomic per non-empty bin, so it must cover enough
 # entries to make that flush cheap (~0.1 atomic per entry at most) while leaving enough programs
-# to fill the GPU (a 1e8-entry model gives 6100 programs). One iteration is one sample block.
-BLOCK = radix.SAMPLE_BLOCK
+# to fill the GPU (a 1e8-entry model gives 6100 programs).
+BLOCK = 1024
 ITERS = 16
 CHUNK = BLOCK * ITERS
 NUM_WARPS = 4
@@ -78,7 +78,7 @@ def _count(g, valid, lo, last, shift, KEY_FLOAT: tl.constexpr, INF_KEY: tl.const
 
 @triton.jit
 def _sampled(block, salt, log2):
-    """radix.sampled_blocks for one block (int64), in 32-bit arithmetic that wraps as the hash's
+    """radix.sampled_blocks for blocks (int64), in 32-bit arithmetic that wraps as the hash's
     mod 2**32 does; salt: the tensor's term of the hash (uint32), log2: int32."""
     h = (block & 0x7FFFFFFF).to(tl.uint32) * 0x9E3779B1 + salt
     return ((h >> (31 - log2)) >> 1) == 0  # h >> (32 - log2), defined for log2 = 0 too
@@ -98,6 +98,7 @@ def radix_histogram_kernel(
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
     STATE_COLUMNS: tl.constexpr,
+    SAMPLE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_owner + pid).to(tl.int64)
@@ -127,27 +128,35 @@ def radix_histogram_kernel(
     counts = tl.zeros([BINS], dtype=tl.int32)
     above = 0
     nonfinite = 0
-    if start + BLOCK * ITERS <= numel:
+    if sample != 0:
+        # A sampled pass: only lanes in picked blocks load (masked-off lanes cost no memory traffic).
+        for i in range(tl.cdiv(tl.minimum(numel - start, BLOCK * ITERS), BLOCK).to(tl.int32)):
+            offs = i * BLOCK + lanes
+            picked = (offs < numel - start) & _sampled((start + offs) // SAMPLE_BLOCK, salt, sample)
+            g = tl.load(base + offs, mask=picked, other=0.0)
+            c, a, nf = _count(g, picked, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
+            counts += c
+            above += a
+            nonfinite += nf
+    elif start + BLOCK * ITERS <= numel:
         # A full chunk: unmasked loads, which the compiler can vectorise (the mask of a tail
         # would be unknown per lane and force scalar loads).
         for i in range(ITERS):
-            if _sampled(start // BLOCK + i, salt, sample):
-                g = tl.load(base + i * BLOCK + lanes)
-                c, a, nf = _count(g, lanes >= 0, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
-                counts += c
-                above += a
-                nonfinite += nf
+            g = tl.load(base + i * BLOCK + lanes)
+            c, a, nf = _count(g, lanes >= 0, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
+            counts += c
+            above += a
+            nonfinite += nf
     else:
         remaining = numel - start
         for i in range(tl.cdiv(remaining, BLOCK).to(tl.int32)):
-            if _sampled(start // BLOCK + i, salt, sample):
-                offs = i * BLOCK + lanes
-                valid = offs < remaining
-                g = tl.load(base + offs, mask=valid, other=0.0)
-                c, a, nf = _count(g, valid, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
-                counts += c
-                above += a
-                nonfinite += nf
+            offs = i * BLOCK + lanes
+            valid = offs < remaining
+            g = tl.load(base + offs, mask=valid, other=0.0)
+            c, a, nf = _count(g, valid, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
+            counts += c
+            above += a
+            nonfinite += nf
     out = hist + scope * (BINS + 2)
     bins = tl.arange(0, BINS)
     tl.atomic_add(out + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
@@ -185,5 +194,5 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> 
             lt.table, lt.chunk_owner, state, hist,
             GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=TORCH_TO_TRITON[key_format.float_dtype],
             INF_KEY=key_format.inf_key, ALIGNED=aligned, BINS=BINS, BLOCK=BLOCK, ITERS=ITERS,
-            STATE_COLUMNS=radix.STATE_COLUMNS, num_warps=NUM_WARPS,
+            STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK, num_warps=NUM_WARPS,
         )

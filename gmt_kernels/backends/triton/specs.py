@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
-from ...radix import KEY_FORMATS, STATE_COLUMNS
+from ...radix import KEY_FORMATS, SAMPLE_BLOCK, STATE_COLUMNS
 from . import adamw, histogram
 
 
@@ -48,7 +48,7 @@ def _histogram_specs():
         for aligned in (True, False):
             constexprs = (("GRAD", grad), ("KEY_FLOAT", key), ("INF_KEY", KEY_FORMATS[_TORCH[key]].inf_key),
                           ("ALIGNED", aligned), ("BINS", histogram.BINS), ("BLOCK", histogram.BLOCK),
-                          ("ITERS", histogram.ITERS), ("STATE_COLUMNS", STATE_COLUMNS))
+                          ("ITERS", histogram.ITERS), ("STATE_COLUMNS", STATE_COLUMNS), ("SAMPLE_BLOCK", SAMPLE_BLOCK))
             label = f"grad={_SHORT[grad]},key={_SHORT[key]},{'aligned' if aligned else 'unaligned'}"
             yield Spec("histogram", label, signature + tuple((n, "constexpr") for n, _ in constexprs), constexprs,
                        histogram.NUM_WARPS)
