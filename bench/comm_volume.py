@@ -1,6 +1,6 @@
 """Bytes GMTAdamW all-reduces per step under FSDP2, next to the size of the gradient it thresholds.
 
-The distributed threshold all-reduces one [scopes, 2**width] int64 histogram per radix pass plus
+The distributed threshold all-reduces one [scopes, radix.HIST_COLUMNS] int64 histogram per pass plus
 the kept counts, so its volume depends on the number of scopes and passes, not on the model size.
 This starts `world` gloo ranks on loopback (CPU), wraps an MLP stack with fully_shard, and counts
 every torch.distributed.all_reduce issued inside opt.step().
