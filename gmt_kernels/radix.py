@@ -16,10 +16,11 @@ hash-picked blocks of SAMPLE_BLOCK entries (1/2 .. 1/32 of them), which costs a 
 pass, and `select_bins` turns that sample into a bracket [LO, LAST] that very likely holds the k-th
 largest. The next (full) pass histograms only that bracket in BINS bins: typical gradients are
 then within the approximate bound after one full pass and exact after two, where a radix select
-needs two and three. 12-bit bins (not 11) are what let a bracket of a few percent of the entries,
-up to 2**24 keys wide, end in one bin of at most 2**12 keys, so that the second full pass is exact. The full pass also counts the entries above the bracket, so it proves whether
-the bracket holds the k-th largest; if the sample misled it (adversarial data), the interval
-becomes the proven side and selection goes on: a miss costs passes, never correctness.
+needs two and three. 12-bit bins (not 11) let a bracket up to 2**24 keys wide end in one bin of at
+most 2**12 keys, so that the second full pass is exact. The full pass also counts the entries
+above the bracket, so it proves whether the bracket holds the k-th largest; if the sample misled
+it (adversarial data), the interval becomes the proven side and selection goes on: a miss costs
+passes, never correctness.
 
 Backends implement only the histogram pass (`Backend.radix_histogram`); the state machine below
 is plain torch on tiny [scopes, bins] tensors and stays on the device (no host synchronisation).
