@@ -81,24 +81,22 @@ struct Interval {
   bool whole;  // the whole key range in bins of the first pass: every entry has a bin
 };
 
-// Private counts of one thread. Interleaved copies of the histogram let consecutive equal digits
-// (common in a first pass: gradients crowd into a few exponents) increment different memory words,
-// so the loop is not serialised on store-to-load forwarding of one counter; two copies of 4096
-// bins fill L1. Each copy has one extra
-// "no match" bin, so that entries outside the interval are counted without a branch.
+// Private counts of one thread. Two interleaved copies of the histogram let consecutive equal
+// digits (common in a first pass: gradients crowd into a few exponents) increment different memory
+// words, so the loop is not serialised on store-to-load forwarding of one counter; two copies of
+// 4096 bins fill L1.
 class LocalCounts {
  public:
   static constexpr int kCopies = 2;
-  static constexpr int64_t kStride = kBins + 1, kNoMatch = kBins;
-  LocalCounts() : counts_(kStride * kCopies, 0) {}
-  uint32_t* copy(int c) { return counts_.data() + (c % kCopies) * kStride; }  // c = 0..3
+  LocalCounts() : counts_(kBins * kCopies, 0) {}
+  uint32_t* copy(int c) { return counts_.data() + c * kBins; }
   int64_t above = 0, nonfinite = 0;
 
   // Adds the counts into row `scope` of the shared histogram and clears them.
   void flush_into(int64_t* shared_row) {
     for (int64_t b = 0; b < kBins; ++b) {
       uint64_t sum = 0;
-      for (int c = 0; c < kCopies; ++c) sum += counts_[c * kStride + b];
+      for (int c = 0; c < kCopies; ++c) sum += counts_[c * kBins + b];
       if (sum) atomic_add(shared_row + b, int64_t(sum));
     }
     if (above) atomic_add(shared_row + kAbove, above);
@@ -116,7 +114,7 @@ template <class Bits, class KeyFn>
 __attribute__((always_inline)) inline void count_whole(const Bits* x, int64_t n, KeyFn key, const Interval& iv,
                                                        LocalCounts& local) {
   using Key = decltype(key(Bits{}));
-  uint32_t *h0 = local.copy(0), *h1 = local.copy(1), *h2 = local.copy(2), *h3 = local.copy(3);
+  uint32_t *h0 = local.copy(0), *h1 = local.copy(1);
   const int shift = iv.shift;
   const Key inf = Key(iv.inf_key);
   int64_t nonfinite = 0, i = 0;
@@ -124,8 +122,8 @@ __attribute__((always_inline)) inline void count_whole(const Bits* x, int64_t n,
     const Key k0 = key(x[i]), k1 = key(x[i + 1]), k2 = key(x[i + 2]), k3 = key(x[i + 3]);
     ++h0[k0 >> shift];
     ++h1[k1 >> shift];
-    ++h2[k2 >> shift];
-    ++h3[k3 >> shift];
+    ++h0[k2 >> shift];
+    ++h1[k3 >> shift];
     nonfinite += int(k0 >= inf) + int(k1 >= inf) + int(k2 >= inf) + int(k3 >= inf);
   }
   for (; i < n; ++i) {
