@@ -119,3 +119,20 @@ def test_sample_size_rule():
     assert radix.sample_log2(1 << 40) == radix.SAMPLE_MAX_LOG2
     for n in (1 << 19, 1 << 21, 1 << 25):  # at least SAMPLE_MIN_BLOCKS blocks are picked on average
         assert (n // radix.SAMPLE_BLOCK) >> radix.sample_log2(n) >= radix.SAMPLE_MIN_BLOCKS
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_exactly_k_entries_above_the_bracket(exact):
+    """The edge of the proof: when exactly k entries lie above the bracket, the k-th largest is the
+    smallest of them, above the bracket, not in its top bin. The sample sees one value (0.5), so
+    the bracket is the bin of 0.5, and the k large entries are all in blocks it did not pick."""
+    log2 = radix.sample_log2(N)
+    picked = radix.sampled_blocks(torch.arange(N) // radix.SAMPLE_BLOCK, 0, log2)
+    k = radix.kept_count(N, 0.5)
+    large = (~picked).nonzero().flatten()[torch.randperm(int((~picked).sum()), generator=torch.Generator().manual_seed(1))[:k]]
+    data = torch.full((N,), 0.5)
+    data[large] = 10 + torch.rand(k)
+    threshold, _, bracket, chosen = trace([data], 0.5, exact)
+    slack = radix.rank_slack(N, exact)
+    assert kth_largest([data], k + slack) <= threshold <= kth_largest([data], k - slack)
+    assert chosen[0] == bracket[1] + 1  # proven above the bracket: the interval moved up
