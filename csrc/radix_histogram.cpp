@@ -8,7 +8,7 @@
 // entries only raise the ABOVE counter or nothing. The work is then reading the gradient: with
 // AVX-512 each 16 keys are compared and the digits of those in the interval compressed into a
 // small buffer, which is counted when full; without it, blocks of 64 keys are tested by vector code
-// and counted one by one only if one of them is in the interval.
+// and only blocks with a key in the interval append digits to such a buffer.
 #include "ops.h"
 #include "radix.h"
 
@@ -320,14 +320,18 @@ __attribute__((always_inline)) inline void count_piece_typed(const void* data, i
     }
   };
   const int64_t first_group = first_block & ~(kGroup - 1);
-  prefetch(first_group, picks(first_group));
-  prefetch(first_group + kGroup, picks(first_group + kGroup));
+  uint64_t now = picks(first_group), next = picks(first_group + kGroup);
+  prefetch(first_group, now);
+  prefetch(first_group + kGroup, next);
   for (int64_t group = first_group; group < end_block; group += kGroup) {
-    prefetch(group + 2 * kGroup, picks(group + 2 * kGroup));
-    for (uint64_t bits = picks(group); bits; bits &= bits - 1) {
+    const uint64_t ahead = picks(group + 2 * kGroup);  // each group's picks are computed once
+    prefetch(group + 2 * kGroup, ahead);
+    for (uint64_t bits = now; bits; bits &= bits - 1) {
       const int64_t block = group + __builtin_ctzll(bits);
       count_span(std::max(first, block * kBlock), std::min(last, (block + 1) * kBlock));
     }
+    now = next;
+    next = ahead;
   }
 }
 
