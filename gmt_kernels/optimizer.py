@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -78,14 +79,16 @@ class _Batch:
 class GMTAdamW(torch.optim.Optimizer):
     """AdamW that updates only the entries whose |grad| is in the top (1 - mask_ratio) fraction.
 
-    Drop-in for torch.optim.AdamW: same arguments (foreach/fused/capturable aside), same state
-    layout, state_dicts load both ways. GMT arguments:
+    Drop-in for torch.optim.AdamW: same arguments, same state layout, state_dicts load both ways
+    (GMT's own counters travel in every param group under "gmt", where torch.distributed.checkpoint
+    keeps them too). `foreach` and `fused` are accepted and change nothing (the update is always one
+    fused pass); `capturable=True` and `differentiable=True` are refused. GMT arguments:
 
     mask_ratio: fraction of entries masked (not updated) per step, in [0, 1]; per param group.
     scope: "global" (one threshold over all masked groups), "group" or "tensor".
     mask_mode: "grad" (zero the masked gradient entries, then AdamW) or "freeze" (masked entries
         keep parameter and moments unchanged).
-    threshold: "approx" (within 0.5 % of N in rank, fewer passes) or "exact".
+    threshold: "approx" (within 0.05 % of N in rank, fewer passes; SEMANTICS.md allows 0.5 %) or "exact".
     nonfinite: "skip" (a NaN/inf gradient makes the step a no-op, counted in skipped_steps),
         "raise" (FloatingPointError naming the parameter), "propagate" (as torch.optim.AdamW).
     backend: "auto", "reference", "triton" or "cpu".
@@ -111,7 +114,22 @@ class GMTAdamW(torch.optim.Optimizer):
         nonfinite: str = "skip",
         backend: str = "auto",
         process_group=None,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        if capturable:
+            raise ValueError(
+                "GMTAdamW(capturable=True) is not supported: GMTAdamW keeps its step counts on the "
+                "parameters' device already and its step needs no host synchronisation; leave "
+                "capturable unset (for CUDA graphs, capture opt.step() after a warm-up step)."
+            )
+        if differentiable:
+            raise ValueError(
+                "GMTAdamW(differentiable=True) is not supported: a step selects a mask, which has no "
+                "gradient. Use torch.optim.AdamW(differentiable=True) to differentiate through an update."
+            )
         _check_adamw_hyperparameters(lr, betas, eps, weight_decay)
         radix.check_mask_ratio(mask_ratio)
         _check_choice("scope", scope, SCOPES, "It says which entries share one threshold.")
@@ -123,60 +141,115 @@ class GMTAdamW(torch.optim.Optimizer):
         self.scope, self.mask_mode, self.threshold = scope, mask_mode, threshold
         self.nonfinite, self.backend = nonfinite, backend
         defaults = dict(
+            # torch.optim.AdamW's own group keys first (foreach and fused are kept but change nothing:
+            # GMT's update is always one fused pass), so that either optimizer loads the other's
+            # groups, torch.distributed.checkpoint's strict loading included.
+            _torch_adamw_defaults(), foreach=foreach, fused=fused,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, mask_ratio=mask_ratio,
         )
+        # GMT's own state, shared by every param group (see state_dict): skip counter, last stats.
+        self._gmt = {"skipped_steps": torch.zeros((), dtype=torch.int64), "last_stats": {}}
         super().__init__(params, defaults)
         self._sharding = _infer_sharding(self.param_groups, process_group)
+        self._follow_parameters()
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Steps skipped for NaN/inf gradients or GradScaler overflow: a 0-d int64 tensor on the
+        device of the first parameter."""
+        return self._gmt["skipped_steps"]
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: Tensor) -> None:
+        self._gmt["skipped_steps"] = value
+
+    @property
+    def _last_stats(self) -> dict:
+        return self._gmt["last_stats"]
+
+    def _follow_parameters(self) -> torch.device:
+        """The primary device (the first parameter's: thresholds and counters live there), as the
+        parameters are now: they may have moved since construction (model.to("cuda"), deferred
+        initialisation from the meta device). Moves skipped_steps along."""
         first = next((p for g in self.param_groups for p in g["params"]), None)
-        self._primary = first.device if first is not None else torch.device("cpu")
-        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self._primary)
-        self._last_stats: dict = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                resolve(backend, p.device, p.dtype)  # a named backend that cannot serve fails now
+        primary = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
+        if self.skipped_steps.device != primary:
+            self.skipped_steps = self.skipped_steps.to(primary)
+        self._primary = primary
+        return primary
 
     # ---- param groups ------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif params is not None and not isinstance(params, set):  # a set: torch's own error
+            param_group["params"] = list(params)
+            _check_no_repeats(param_group["params"], len(self.param_groups))
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k not in ("params", "gmt")}}
         _check_adamw_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
         radix.check_mask_ratio(merged["mask_ratio"])
-        if self.scope == "global" and merged["mask_ratio"] > 0:
-            others = {g["mask_ratio"] for g in self.param_groups if g["mask_ratio"] > 0}
-            if others and others != {merged["mask_ratio"]}:
-                raise ValueError(
-                    f"scope='global' selects one threshold over every masked group, so they must share "
-                    f"one mask_ratio; got {sorted(others | {merged['mask_ratio']})}. Use scope='group' "
-                    "for a threshold per group, or give the groups the same mask_ratio (0 = unmasked)."
-                )
+        if self.scope == "global":
+            _check_global_mask_ratio([*self.param_groups, merged])
+        for p in param_group["params"] if isinstance(param_group.get("params"), list) else []:
+            if isinstance(p, Tensor) and p.device.type != "meta":  # meta: deferred init, checked at step
+                resolve(self.backend, p.device, p.dtype)  # a named backend that cannot serve fails now
         super().add_param_group(param_group)
+        self.param_groups[-1]["gmt"] = self._gmt
         if hasattr(self, "_sharding"):
             self._sharding = _infer_sharding(self.param_groups, self.process_group)
-        if hasattr(self, "_primary"):
-            for p in self.param_groups[-1]["params"]:
-                resolve(self.backend, p.device, p.dtype)
+
+    # Attributes that copy.deepcopy and pickle keep besides torch.optim.Optimizer's own.
+    _CONFIG = ("scope", "mask_mode", "threshold", "nonfinite", "backend", "process_group", "_gmt")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in self._CONFIG if name in self.__dict__})
+        return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_gmt", {"skipped_steps": torch.zeros((), dtype=torch.int64), "last_stats": {}})
         for group in self.param_groups:  # groups saved by torch.optim.AdamW lack our keys
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
             group.setdefault("mask_ratio", self.defaults["mask_ratio"])
+            group["gmt"] = self._gmt
+        if "scope" in self.__dict__:  # a whole GMTAdamW (deepcopy, pickle)
+            self._sharding = _infer_sharding(self.param_groups, self.process_group)
+            self._follow_parameters()
 
     # ---- state_dict --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """torch.optim.AdamW's state_dict; every param group also carries "gmt": a snapshot of
+        skipped_steps and the last mask_stats(). They ride in the param groups because
+        torch.distributed.checkpoint keeps only "state" and "param_groups" (and every group, so that
+        each is complete on its own); torch.optim.AdamW loads the groups and ignores the key."""
         state_dict = super().state_dict()
-        state_dict["gmt"] = {
-            "skipped_steps": self.skipped_steps.clone(),
-            "last_stats": self.mask_stats(),
-        }
+        snapshot = {"skipped_steps": self.skipped_steps.clone(), "last_stats": self.mask_stats()}
+        for group in state_dict["param_groups"]:
+            group["gmt"] = snapshot
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        extra = state_dict.get("gmt")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "gmt"})
+        """Loads a GMTAdamW or torch.optim.AdamW state_dict. A saved group that lacks a key (a
+        torch.optim.AdamW group has no mask_ratio) keeps the live group's value."""
+        saved_groups = state_dict["param_groups"]
+        extra = state_dict.get("gmt") or next((g["gmt"] for g in saved_groups if "gmt" in g), None)
+        groups = [
+            {**{k: v for k, v in live.items() if k not in ("params", "gmt")}, **saved}
+            for saved, live in zip(saved_groups, self.param_groups)
+        ] + list(saved_groups[len(self.param_groups):])  # a length mismatch: torch's own error
+        for group in groups:
+            if "mask_ratio" in group:
+                radix.check_mask_ratio(group["mask_ratio"])
+        if self.scope == "global":
+            _check_global_mask_ratio(groups)
+        # torch's load_state_dict ends in __setstate__, which points every group back at self._gmt.
+        super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "gmt"}, "param_groups": groups})
         if extra is not None:
             self.skipped_steps.copy_(extra["skipped_steps"])
             self._last_stats.clear()
@@ -196,9 +269,14 @@ class GMTAdamW(torch.optim.Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
+        self._follow_parameters()
         batches = self._gather()  # validates everything before anything changes
         if not batches:
             return loss
+        for group in self.param_groups:  # a schedule may have edited them since construction
+            radix.check_mask_ratio(group["mask_ratio"])
+        if self.scope == "global":
+            _check_global_mask_ratio(self.param_groups)
         scopes, records, sharded_rows = self._scopes(batches)
         backend_for = lambda g: resolve(self.backend, g.device, g.dtype)  # noqa: E731
         selections = {
@@ -212,7 +290,9 @@ class GMTAdamW(torch.optim.Optimizer):
         if self.nonfinite != "propagate" and selections:
             nonfinite = torch.stack([sel.nonfinite.sum() for sel in selections.values()]).sum()
             if self.nonfinite == "raise":
-                if nonfinite.item() > 0:
+                # GradScaler's overflow steps are skipped, not errors: found_inf is read first.
+                overflow = found_inf is not None and bool(found_inf.item() != 0)
+                if not overflow and nonfinite.item() > 0:
                     self._raise_nonfinite(batches)
             else:
                 skip = nonfinite > 0
@@ -249,6 +329,15 @@ class GMTAdamW(torch.optim.Optimizer):
         batches: dict[tuple, _Batch] = {}
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
+                if p.device.type == "meta":
+                    raise RuntimeError(
+                        f"GMTAdamW.step: parameter {pi} of param group {gi} is on the meta device, so it can "
+                        "never be updated. If the model was materialised after the optimizer was created, "
+                        "module.to_empty() made new parameters and this optimizer still holds the meta ones: "
+                        "create the optimizer after materialising, or call "
+                        "torch.__future__.set_swap_module_params_on_conversion(True) first so that to_empty() "
+                        "and to() keep the parameter objects."
+                    )
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -338,9 +427,9 @@ class GMTAdamW(torch.optim.Optimizer):
 
         for name, members in masked.items():
             add(name, members, names[name], True)
-        if self.nonfinite != "propagate":  # unmasked tensors are only checked for NaN / inf
-            for members in unmasked.values():
-                add("unmasked", members, 0.0, False)
+        if self.nonfinite != "propagate":  # unmasked tensors are only checked for NaN / inf:
+            for members in unmasked.values():  # k = 0 (ratio 1), one pass that counts them
+                add("unmasked", members, 1.0, False)
         sharded_rows = defaultdict(list)  # per format, the rows whose histograms are all-reduced
         if sharded_scopes:
             self._globalize_scopes(sharded_scopes, scopes, records, sharded_rows, exact)
@@ -447,6 +536,39 @@ class GMTAdamW(torch.optim.Optimizer):
             name: {k: (v.item() if isinstance(v, Tensor) else v) for k, v in s.items()}
             for name, s in self._last_stats.items()
         }
+
+
+@functools.cache
+def _torch_adamw_defaults() -> dict:
+    """The param-group keys torch.optim.AdamW of this torch version has and GMTAdamW has no use for
+    (capturable, differentiable, decoupled_weight_decay, ...), with AdamW's default values."""
+    probe = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    return dict(probe.defaults)
+
+
+def _check_global_mask_ratio(groups) -> None:
+    """scope='global' selects one threshold over every masked group: they must share one mask_ratio."""
+    ratios = {g["mask_ratio"] for g in groups if g.get("mask_ratio", 0) > 0}
+    if len(ratios) > 1:
+        raise ValueError(
+            f"scope='global' selects one threshold over every masked group, so they must share one "
+            f"mask_ratio; got {sorted(ratios)}. Use scope='group' for a threshold per group, or give the "
+            "groups the same mask_ratio (0 = unmasked); a schedule must change every masked group at once."
+        )
+
+
+def _check_no_repeats(params, group_index: int) -> None:
+    """A parameter listed twice in one group would be updated twice per step (torch only warns)."""
+    seen = set()
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            first = next(j for j, q in enumerate(params) if q is p)
+            raise ValueError(
+                f"GMTAdamW: param group {group_index} lists the same parameter twice (positions {first} "
+                f"and {i}); each parameter may appear once. Deduplicate the list (e.g. model.parameters() "
+                "already yields a shared parameter once)."
+            )
+        seen.add(id(p))
 
 
 def _infer_sharding(param_groups, process_group):

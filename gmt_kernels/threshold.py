@@ -61,7 +61,7 @@ def select_thresholds(
 
     nonfinite = None
     hist = torch.empty(len(scopes), radix.HIST_COLUMNS, dtype=torch.int64, device=primary)
-    for pass_index in range(radix.max_passes(key_format, [s.numel for s in scopes])):
+    for pass_index in range(radix.max_passes(key_format, [s.numel for s in scopes], [s.k for s in scopes])):
         hist.zero_()
         for (device, _), (backend, grads, rows) in work.items():
             part = hist if device == primary else torch.zeros_like(hist, device=device)

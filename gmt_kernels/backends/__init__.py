@@ -55,6 +55,9 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 _LOADERS: dict[str, Callable[[], None]] = {}
+# A loader that failed, with why: importing it again would fail again (and a failed import costs
+# milliseconds, more without bytecode caching), so the reason is remembered per loader.
+_FAILURES: dict[str, tuple[Callable[[], None], str]] = {}
 _warned_fallbacks: set[tuple[str, str]] = set()
 
 
@@ -74,11 +77,19 @@ def _load(name: str) -> Optional[str]:
     loader = _LOADERS.get(name)
     if loader is None:
         return f"backend {name!r} is not part of this build of gmt_kernels"
+    failed = _FAILURES.get(name)
+    if failed is not None and failed[0] is loader:
+        return failed[1]
     try:
         loader()
     except Exception as exc:  # the reason is reported to the user, never swallowed
-        return f"backend {name!r} failed to load: {type(exc).__name__}: {exc}"
-    return None if name in _REGISTRY else f"backend {name!r} did not register itself"
+        reason = f"backend {name!r} failed to load: {type(exc).__name__}: {exc}"
+    else:
+        if name in _REGISTRY:
+            return None
+        reason = f"backend {name!r} did not register itself"
+    _FAILURES[name] = (loader, reason)
+    return reason
 
 
 def check_backend_name(name: str) -> None:
@@ -108,6 +119,13 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     fast, reasons = _fastest_available(device, dtype)
     if fast is not None:
         return fast
+    _load("reference")
+    reason = _REGISTRY["reference"].unavailable_reason(device, dtype)
+    if reason is not None:
+        raise RuntimeError(
+            f"gmt_kernels has no backend for {dtype} tensors on {device}: {'; '.join(reasons)}; and the "
+            f"reference backend: {reason}."
+        )
     key = (f"{device.type}/{dtype}", "; ".join(reasons))
     if key not in _warned_fallbacks:
         _warned_fallbacks.add(key)
@@ -118,7 +136,6 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
             RuntimeWarning,
             stacklevel=3,
         )
-    _load("reference")
     return _REGISTRY["reference"]
 
 

@@ -91,10 +91,21 @@ def masked_adamw(
         kept[i] += counted.sum()
 
 
+def unavailable_reason(device: torch.device, dtype: torch.dtype):
+    if device.type == "mps":  # torch has no float64 on MPS
+        return (
+            "it computes bias corrections and the sampled bracket in float64, which the MPS device "
+            "lacks; keep the optimizer's parameters on the CPU (or a CUDA device) instead"
+        )
+    if device.type == "meta":
+        return "meta tensors hold no values; materialise the parameters (e.g. module.to_empty(device=...)) first"
+    return None
+
+
 register(
     Backend(
         name="reference",
-        unavailable_reason=lambda device, dtype: None,
+        unavailable_reason=unavailable_reason,
         radix_histogram=radix_histogram,
         masked_adamw=masked_adamw,
     )

@@ -17,16 +17,27 @@ the shared names belongs to the C++ kernels.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from ... import ops
-from ...radix import KEY_FORMATS_BY_NAME
-from .. import Backend, register
-from .. import reference
-from .adamw import launch_masked_adamw
-from .histogram import TORCH_TO_TRITON, launch_histogram, radix_histogram_kernel
+# The kernels count masked lanes out of tl.histogram (its mask= argument, first in Triton 3.4). An
+# older Triton fails here, at load, so "auto" passes it over with its warning instead of step() failing.
+if "mask" not in inspect.signature(tl.histogram).parameters:
+    raise ImportError(
+        f"triton {triton.__version__} is too old for gmt_kernels: its kernels need tl.histogram(mask=...), "
+        "added in Triton 3.4. Upgrade with `pip install 'triton>=3.4'`"
+    )
+
+from ... import ops  # noqa: E402
+from ...radix import KEY_FORMATS_BY_NAME  # noqa: E402
+from .. import Backend, register  # noqa: E402
+from .. import reference  # noqa: E402
+from .adamw import launch_masked_adamw  # noqa: E402
+from .histogram import TORCH_TO_TRITON, launch_histogram, radix_histogram_kernel  # noqa: E402
 
 SERVED_DTYPES = tuple(TORCH_TO_TRITON)
 
