@@ -110,11 +110,12 @@ def split_sizes(n: int, tensors: int) -> list[int]:
 
 
 @lru_cache(maxsize=1)  # cases are ordered by N, so consecutive cases share their gradients
-def gradients(n: int, tensors: int, device: str, dtype: str, seed: int = 0) -> tuple:
-    """Gaussian gradients whose scale differs per tensor over three decades, as layers' do."""
+def gradients(n: int, tensors: int, device: str, dtype: str, seed: int = 0, sizes: Optional[tuple] = None) -> tuple:
+    """Gaussian gradients whose scale differs per tensor over three decades, as layers' do; n entries
+    split evenly over `tensors`, or tensors of the given `sizes`."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for i, numel in enumerate(split_sizes(n, tensors)):
+    for i, numel in enumerate(sizes or split_sizes(n, tensors)):
         scale = 10.0 ** (-3.0 * i / max(tensors - 1, 1))
         out.append((torch.randn(numel, generator=gen) * scale).to(device=device, dtype=getattr(torch, dtype)))
     return tuple(out)
@@ -266,10 +267,12 @@ class StepCase:
     dtype: str = "float32"
     mask_ratio: float = MASK_RATIO
     note: str = ""
+    sizes: Optional[tuple] = None  # tensors of these sizes instead of `tensors` x `tensor_numel`
+    baseline_method: str = BASELINE_STEP  # what the ratio is taken to, timed interleaved
 
     @property
     def n(self) -> int:
-        return self.tensor_numel * self.tensors
+        return sum(self.sizes) if self.sizes else self.tensor_numel * self.tensors
 
     @property
     def label(self) -> str:
@@ -282,7 +285,8 @@ class StepCase:
         return f"{self.suite}-{self.label}-N_pow2_{math.log2(self.n):g}".replace(" ", "_")
 
     def baseline(self) -> "StepCase":
-        return StepCase(self.suite, BASELINE_STEP, self.tensor_numel, self.tensors, self.device, dtype=self.dtype)
+        return StepCase(self.suite, self.baseline_method, self.tensor_numel, self.tensors, self.device,
+                        dtype=self.dtype, sizes=self.sizes, baseline_method=self.baseline_method)
 
     def build(self) -> "StepRunner":
         return StepRunner(self)
@@ -299,7 +303,7 @@ class StepRunner:
 
     def __post_init__(self):
         c = self.case
-        grads = gradients(c.n, c.tensors, c.device, c.dtype)
+        grads = gradients(c.n, c.tensors, c.device, c.dtype, sizes=c.sizes)
         self.params = []
         for g in grads:
             p = torch.nn.Parameter(torch.randn_like(g))
@@ -350,6 +354,24 @@ def _capped(size: Size, backend: Optional[str], tensor_numel: int) -> tuple[int,
     return tensor_numel, ""
 
 
+# Python overhead per step: a model of many small tensors (200 of 4K-16K entries), where a step is
+# mostly the host issuing work. Timed next to AdamW(foreach=True), the usual optimizer there.
+MANY_SMALL_SIZES = tuple(round(4096 * 4 ** (i / 199)) for i in range(200))
+MANY_SMALL_BASELINE = "AdamW foreach"
+
+
+def many_small_cases(device: str) -> list[StepCase]:
+    backends = [b for b in usable_backends(device) if b != "reference"]  # the oracle: no overhead target
+    common = dict(tensor_numel=0, tensors=len(MANY_SMALL_SIZES), device=device, sizes=MANY_SMALL_SIZES,
+                  baseline_method=MANY_SMALL_BASELINE)
+    cases = [StepCase("many_small", BASELINE_STEP, **common)]
+    for backend in backends:
+        for threshold in ("approx", "exact"):
+            cases.append(StepCase("many_small", "GMTAdamW", backend=backend, threshold=threshold, scope="global",
+                                  **common))
+    return cases
+
+
 def step_cases(size: Size, device: str) -> list[StepCase]:
     """Every candidate step; each is timed interleaved with its own AdamW fused baseline."""
     backends = usable_backends(device)
@@ -369,4 +391,4 @@ def step_cases(size: Size, device: str) -> list[StepCase]:
             capped, _ = _capped(size, backend, sweep_numel)
             if capped == sweep_numel:
                 cases.append(StepCase("step_sweep", "GMTAdamW", sweep_numel, tensors, device, backend, "approx", "global"))
-    return cases
+    return cases + many_small_cases(device)

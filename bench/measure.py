@@ -202,7 +202,7 @@ def measure_step(case: StepCase, steps: int, warmup_steps: int) -> tuple[dict, d
     cand_times, base_times = times[id(candidate)], times[id(baseline)]
     record = _record(
         case.suite, case, **_summary(cand_times),
-        ratio=statistics.median(cand_times) / statistics.median(base_times), ratio_to=BASELINE_STEP,
+        ratio=statistics.median(cand_times) / statistics.median(base_times), ratio_to=case.baseline_method,
         extra_bytes=extra[id(candidate)], count_error=candidate.count_error(), note=case.note,
         threshold=case.threshold, scope=case.scope, baseline_median_s=statistics.median(base_times),
     )
@@ -224,7 +224,7 @@ class BaselinePool:
 
     def records(self) -> list:
         return [
-            _record(suite, case, **_summary(times), ratio=1.0, ratio_to=BASELINE_STEP, threshold=None,
+            _record(suite, case, **_summary(times), ratio=1.0, ratio_to=case.method, threshold=None,
                     scope=None, extra_bytes=max(extra) if extra else None,
                     note=f"pooled over the {len(times)} steps timed next to its candidates")
             for (suite, _), (case, times, extra) in sorted(self._runs.items())

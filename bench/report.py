@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from cases import BASELINE_STEP, THRESHOLD_METHODS
+from cases import BASELINE_STEP, MANY_SMALL_BASELINE, THRESHOLD_METHODS
 
 
 def _seconds(s: Optional[float]) -> str:
@@ -99,13 +99,27 @@ def sweep_table(records: list) -> str:
     return f"Step-time ratio to {BASELINE_STEP} versus N (8 tensors):\n\n{table}"
 
 
+def many_small_table(records: list) -> str:
+    recs = [r for r in records if r["case"] == "many_small" and r["median_s"] is not None]
+    if not recs:
+        return ""
+    recs.sort(key=lambda r: (r["method"] != MANY_SMALL_BASELINE, r["ratio"] or 0))
+    baseline = MANY_SMALL_BASELINE
+    rows = [[r["label"], _seconds(r["median_s"]), f"{_seconds(r['min_s'])} - {_seconds(r['max_s'])}",
+             f"{r['ratio']:.2f}x"] for r in recs]
+    table = markdown_table(["optimizer [backend]", "median step", "min - max", f"/ {baseline}"], rows)
+    return (f"Step overhead: {recs[0]['tensors']} tensors of 4K-16K entries ({_pow2(recs[0]['n'])} in all; "
+            f"ratio to {baseline} timed interleaved, the target is <= 2x):\n\n{table}")
+
+
 def unavailable_lines(backends: dict) -> str:
     lines = [f"- {name}: {reason}" for name, reason in backends.items() if reason is not None]
     return "Backends not measured:\n\n" + "\n".join(lines) if lines else ""
 
 
 def all_tables(records: list, backends: dict, notes: list) -> str:
-    parts = [threshold_tables(records), step_table(records), sweep_table(records), unavailable_lines(backends)]
+    parts = [threshold_tables(records), step_table(records), sweep_table(records), many_small_table(records),
+             unavailable_lines(backends)]
     if notes:
         parts.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes))
     return "\n\n".join(p for p in parts if p)

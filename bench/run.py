@@ -9,6 +9,7 @@ one JSON record per measurement plus a PNG. --quick takes under 3 minutes on a 2
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -37,6 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--markdown", metavar="PATH", help="write the machine, the tables and the plot link as Markdown")
     parser.add_argument("--only", choices=("threshold", "step"), help="run one suite only")
     args = parser.parse_args(argv)
+    # Optional dependencies are checked before measuring, not after minutes of it.
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error(
+            "--plot needs matplotlib, which is not installed in this Python. Install it "
+            "(`pip install matplotlib`, or `pip install .[bench]`), or run without --plot."
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             f"--device cuda asked, but this torch ({torch.__version__}) sees no CUDA device. "
