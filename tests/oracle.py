@@ -23,9 +23,10 @@ def kth_largest(tensors, k: int) -> float:
 
 
 def keep_count(numel: int, mask_ratio: float) -> int:
+    """k = N - floor(r * N) with r read as the decimal Python prints (SEMANTICS.md section 1)."""
     from fractions import Fraction
 
-    return numel - math.floor(Fraction(mask_ratio) * numel)
+    return numel - math.floor(Fraction(repr(float(mask_ratio))) * numel)
 
 
 def keep_mask(grad: torch.Tensor, threshold: float) -> torch.Tensor:
