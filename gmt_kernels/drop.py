@@ -160,8 +160,9 @@ def _select(groups: dict, drop_ratio: float, backends: list) -> dict:
 
 
 def _apply(source: _ScoreSource, threshold: float, k: int, drop_ratio: float, rescale: bool) -> int:
-    """Reset the entries of one tensor below the threshold to p0 (and rescale the kept ones)."""
-    kept = 0
+    """Reset the entries of one tensor below the threshold to p0 (and rescale the kept ones);
+    returns how many entries it kept."""
+    kept = torch.zeros((), dtype=torch.int64, device=source.device)  # one host read per tensor
     for pc, p0c, chunk_scores in source.chunks():
         if k == 0:
             pc.copy_(p0c)
@@ -170,7 +171,7 @@ def _apply(source: _ScoreSource, threshold: float, k: int, drop_ratio: float, re
             keep = chunk_scores >= threshold
         else:  # in the selection's threshold dtype: float64 scopes hold float32 deltas exactly
             keep = (chunk_scores.abs().to(torch.float64) >= threshold) | chunk_scores.isnan()
-        kept += int(keep.sum())
+        kept += keep.sum()
         if rescale:
             cdt = _compute_dtype(pc.dtype)
             delta = pc.to(cdt) - p0c.to(cdt)
@@ -178,7 +179,7 @@ def _apply(source: _ScoreSource, threshold: float, k: int, drop_ratio: float, re
         else:
             new = pc
         pc.copy_(torch.where(keep, new, p0c))
-    return kept
+    return int(kept)
 
 
 def _validate(params, reference, drop_ratio, method, rescale, scope, seed, backend) -> list:
