@@ -29,8 +29,8 @@ CHUNK = 1 << 20
 
 @dataclass
 class _ScoreSource:
-    """One tensor pair as select_thresholds sees it: `device` picks the work list, and the
-    histogram backend (_ScoringBackend) asks it for its scores chunk by chunk."""
+    """One tensor pair as select_thresholds sees it (in place of a gradient): `device` picks the
+    work list, and the backend of _scoring_backend asks it for its scores chunk by chunk."""
 
     param: torch.Tensor
     ref: torch.Tensor
@@ -68,7 +68,8 @@ class _ScoreSource:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """float32, float64 for float64: the type the library's math and scores run in."""
+    return radix.KEY_FORMATS[dtype].threshold_dtype
 
 
 def _scoring_backend(inner: Backend) -> Backend:
@@ -174,7 +175,7 @@ def _apply(source: _ScoreSource, threshold: float, k: int, drop_ratio: float, re
         kept += keep.sum()
         if rescale:
             cdt = _compute_dtype(pc.dtype)
-            delta = pc.to(cdt) - p0c.to(cdt)
+            delta = chunk_scores if source.method == "magnitude" else pc.to(cdt) - p0c.to(cdt)
             new = (p0c.to(cdt) + delta / torch.tensor(1.0 - drop_ratio, dtype=cdt)).to(pc.dtype)
         else:
             new = pc
