@@ -31,7 +31,7 @@ seed and selection are integers in [0, 2**64); group and position in [0, 2**32).
 key and high half, entry -> u is a bijection, so the entries of one tensor under 2**32 entries
 never tie; the final add of t keeps two keys from giving one shifted sequence of values.
 A kernel computes `random_key` once per tensor on the host, t once per 2**32 entries (per
-block), and per entry two mixes: four 32-bit multiplies, five shifts, six xors, one add.
+block), and per entry two mixes: four 32-bit multiplies, six shifts, seven xors, one add.
 
 Test vectors:
     random_key(0, 0, 0, 0) = 0x0A67ABAC

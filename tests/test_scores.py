@@ -169,3 +169,16 @@ def test_bad_counters_are_refused(kwargs, name):
 def test_float_indices_are_refused():
     with pytest.raises(TypeError, match="integer tensor"):
         scores.random_scores(0, 0, 0, 0, torch.arange(3.0))
+
+
+def test_bits_against_numpy_uint32_words():
+    """A third restatement (tests/oracle.py: numpy uint32 arithmetic, which wraps by itself) over
+    many entries, both halves of the index in play."""
+    from oracle import random_scores_numpy
+
+    gen = torch.Generator().manual_seed(8)
+    entries = torch.cat([torch.arange(N), torch.randint(0, 2**63 - 1, (N,), generator=gen)])
+    for counters in [(0, 0, 0, 0), (2**64 - 1, 123456789, 7, 2**32 - 1)]:
+        got = scores.random_scores(*counters, entries)
+        want = random_scores_numpy(*counters, entries.numpy().astype("uint64"))
+        assert torch.equal(got, torch.from_numpy(want.astype("int64")))
