@@ -45,6 +45,8 @@ Test vectors:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -82,18 +84,27 @@ def random_key(seed: int, selection: int, group_index: int, position: int) -> in
     return h
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2**32 for int64 x in [0, 2**32) and a constant c < 2**32, in int64 without
-    overflow: split x into 16-bit halves so that no partial product reaches 2**63."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & MASK32
+def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x = x * c mod 2**32 in place, for int64 x in [0, 2**32) and a constant c < 2**32, without
+    int64 overflow: c in 16-bit halves, so that no partial product reaches 2**48."""
+    high = (x * (c >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(c & 0xFFFF).add_(high).bitwise_and_(MASK32)
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MIX_MUL1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MIX_MUL2)
-    return x ^ (x >> 16)
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """mix() of the module docstring, in place on an int64 tensor of 32-bit words (in-place ops:
+    this is the cost of the reference path, a few dozen elementwise ops per entry)."""
+    x ^= x >> 16
+    _mul32_(x, _MIX_MUL1)
+    x ^= x >> 15
+    _mul32_(x, _MIX_MUL2)
+    x ^= x >> 16
+    return x
+
+
+def _check_index_dtype(entry_index: torch.Tensor) -> None:
+    if entry_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"random_scores takes an integer tensor of entry indices; got {entry_index.dtype}.")
 
 
 def random_scores(seed: int, selection: int, group_index: int, position: int, entry_index: torch.Tensor) -> torch.Tensor:
@@ -101,9 +112,30 @@ def random_scores(seed: int, selection: int, group_index: int, position: int, en
     row-major positions in the whole parameter): an int64 tensor of the same shape and device
     with values in [0, 2**32). Temporaries are a few int64 tensors of entry_index's size: callers
     bound memory by passing chunks."""
-    if entry_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"random_scores takes an integer tensor of entry indices; got {entry_index.dtype}.")
+    _check_index_dtype(entry_index)
     key = random_key(seed, selection, group_index, position)
     entry = entry_index.to(torch.int64)
-    t = _mix(((entry >> 32) & MASK32) ^ key)
-    return _mix((_mix(t ^ (entry & MASK32)) + t) & MASK32)
+    t = _mix_(((entry >> 32) & MASK32) ^ key)
+    u = _mix_((entry & MASK32) ^ t)
+    return _mix_(u.add_(t).bitwise_and_(MASK32))
+
+
+def random_scores_range(seed: int, selection: int, group_index: int, position: int, start: int, shape,
+                        device=None) -> torch.Tensor:
+    """random_scores of the entries start, start + 1, ... (row-major, as a tensor of `shape`): the
+    same bits, with t computed once per run of entries that share their high 32 bits (as a kernel
+    does per block) instead of per entry."""
+    key = random_key(seed, selection, group_index, position)
+    count = math.prod(shape)
+    if start < 0 or start + count > 1 << 64:
+        raise ValueError(f"entries [{start}, {start + count}) are not uint64 entry indices.")
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    first = start
+    while first < start + count:  # runs that do not cross a multiple of 2**32
+        last = min(start + count, ((first >> 32) + 1) << 32)
+        t = _mix_int(key ^ (first >> 32))
+        u = torch.arange(first & MASK32, ((last - 1) & MASK32) + 1, dtype=torch.int64, device=device)
+        u = _mix_(u.bitwise_xor_(t))
+        out[first - start : last - start] = _mix_(u.add_(t).bitwise_and_(MASK32))
+        first = last
+    return out.view(shape)

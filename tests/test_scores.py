@@ -4,6 +4,8 @@ bits whatever slice (shard, block) of the entries is computed."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -182,3 +184,11 @@ def test_bits_against_numpy_uint32_words():
         got = scores.random_scores(*counters, entries)
         want = random_scores_numpy(*counters, entries.numpy().astype("uint64"))
         assert torch.equal(got, torch.from_numpy(want.astype("int64")))
+
+
+@pytest.mark.parametrize("start, shape", [(0, (N,)), (TWO32 - 1000, (50, 100)), ((1 << 40) - 7, (3, 5)), (5, (0,))])
+def test_range_form_matches_per_entry_form(start, shape):
+    """random_scores_range hoists t per run of 2**32 entries (across a boundary: two runs)."""
+    count = math.prod(shape)
+    want = scores.random_scores(6, 2, 1, 9, torch.arange(start, start + count)).view(shape)
+    assert torch.equal(scores.random_scores_range(6, 2, 1, 9, start, shape), want)
