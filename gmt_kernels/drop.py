@@ -119,8 +119,8 @@ def drop_deltas(
     method="magnitude" (the GMT paper's One-off Drop): score |delta|; a NaN delta counts as the
     largest and is kept. method="random" (DARE): score u, the 32-bit random score of
     gmt_kernels.scores with selection number 0 and parameter identity (group 0, index of the
-    tensor in `params`), so the entries kept are the ones a first random selection of GMTAdamW
-    over one param group holding these tensors in this order would keep.
+    tensor in `params`): the score SEMANTICS.md section 8 gives the entries of these tensors at
+    a first selection when they are, in this order, the one param group of GMTAdamW.
     rescale=True (DARE's rescale): kept entries become p0 + delta / (1 - drop_ratio), computed in
     the delta's type (1 - drop_ratio rounded to it) and rounded to p's dtype.
 
