@@ -8,7 +8,8 @@ concatenating them. The contract is SEMANTICS.md (see README.md).
 from . import ops  # noqa: F401  (defines the torch.ops.gmt_kernels.* schemas the backends implement)
 from .backends import available_backends
 from .optimizer import GMTAdamW
-from .threshold import magnitude_threshold
+from .drop import drop_deltas
+from .magnitude import magnitude_threshold
 
-__all__ = ["GMTAdamW", "magnitude_threshold", "available_backends"]
+__all__ = ["GMTAdamW", "magnitude_threshold", "drop_deltas", "available_backends"]
 __version__ = "0.1.0"

@@ -146,9 +146,26 @@ def check_mask_ratio(mask_ratio) -> None:
 
 
 def kept_count(numel: int, mask_ratio: float) -> int:
-    """k = N - floor(r * N), with r taken as the exact value of the Python float (no rounding of r*N)."""
-    num, den = float(mask_ratio).as_integer_ratio()  # exact, and traceable by torch.compile
+    """k = N - floor(r * N) (SEMANTICS.md section 1), with r read as the decimal that Python prints
+    for it, `fractions.Fraction(repr(r))`: 0.3 masks 300 of 1000 entries, where the float's binary
+    value (a hair below 3/10) would mask 299. Exact integer arithmetic, no rounding of r * N."""
+    num, den = decimal_fraction(mask_ratio)
     return numel - (num * numel) // den
+
+
+def decimal_fraction(value: float) -> tuple[int, int]:
+    """(num, den) with num / den the decimal `repr(float(value))` prints, e.g. 0.3 -> (3, 10),
+    1e-05 -> (1, 100000); value finite and >= 0. Not reduced (den is a power of ten): callers
+    only floor-divide with it. Plain string and integer operations rather than fractions.Fraction,
+    which torch.compile cannot trace (GMTAdamW.step calls kept_count under fullgraph=True)."""
+    text = repr(float(value))  # shortest decimal that round-trips: "0.3", "1e-05", "2.5e-07", "1.0"
+    mantissa, _, exponent = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    num, den = int(whole + fraction), 10 ** len(fraction)
+    shift = int(exponent) if exponent else 0
+    if shift >= 0:
+        return num * 10**shift, den
+    return num, den * 10**-shift
 
 
 def rank_slack(numel: int, exact: bool) -> int:

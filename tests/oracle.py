@@ -23,9 +23,10 @@ def kth_largest(tensors, k: int) -> float:
 
 
 def keep_count(numel: int, mask_ratio: float) -> int:
+    """k = N - floor(r * N) with r read as the decimal Python prints (SEMANTICS.md section 1)."""
     from fractions import Fraction
 
-    return numel - math.floor(Fraction(mask_ratio) * numel)
+    return numel - math.floor(Fraction(repr(float(mask_ratio))) * numel)
 
 
 def keep_mask(grad: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -70,3 +71,62 @@ class OracleAdamW:
                 take = keep if self.mask_mode == "freeze" else torch.ones_like(keep)
                 old.copy_(torch.where(take, fresh.to(old.dtype), old))
         return keeps
+
+
+# ---- SEMANTICS.md section 9: drop_deltas by concatenating and sorting every score ----
+
+def random_scores_numpy(seed: int, selection: int, group: int, position: int, entries) -> "np.ndarray":
+    """The random score u of section 8 restated with numpy uint32 words (whose arithmetic wraps
+    modulo 2**32 by itself), independently of gmt_kernels/scores.py."""
+    import numpy as np
+
+    def mix(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+    with np.errstate(over="ignore"):
+        key = np.uint32(0x243F6A88)
+        for word in (seed & 0xFFFFFFFF, seed >> 32, selection & 0xFFFFFFFF, selection >> 32, group, position):
+            key = mix(np.array([key ^ np.uint32(word)], dtype=np.uint32))[0]
+        entries = np.asarray(entries, dtype=np.uint64)
+        t = mix((entries >> np.uint64(32)).astype(np.uint32) ^ key)
+        return mix(mix(t ^ (entries & np.uint64(0xFFFFFFFF)).astype(np.uint32)) + t)
+
+
+def drop_scores(p: torch.Tensor, p0: torch.Tensor, method: str, seed: int, position: int) -> torch.Tensor:
+    """float64 scores of one tensor pair: |delta| (delta in fp32, fp64 for fp64; NaN as +inf, the
+    largest) or u of entry (0, position) at selection 0, in row-major order."""
+    if method == "random":
+        u = random_scores_numpy(seed, 0, 0, position, range(p.numel()))
+        return torch.from_numpy(u.astype("float64")).reshape(p.shape)
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    s = (p.to(compute) - p0.to(compute)).abs().double()
+    return torch.where(s.isnan(), torch.full_like(s, math.inf), s)
+
+
+def drop_deltas_oracle(params, reference, drop_ratio, *, method, rescale, scope, seed):
+    """(new params, stats) of SEMANTICS.md section 9, sorting the concatenated scores of each scope."""
+    scores = [drop_scores(p, p0, method, seed, i) for i, (p, p0) in enumerate(zip(params, reference))]
+    scopes = {"global": list(range(len(params)))} if scope == "global" else {i: [i] for i in range(len(params))}
+    new, stats = [p.clone() for p in params], {}
+    for name, members in scopes.items():
+        numel = sum(params[i].numel() for i in members)
+        k = keep_count(numel, drop_ratio)
+        flat = torch.cat([scores[i].reshape(-1) for i in members]) if members else torch.empty(0, dtype=torch.float64)
+        threshold = math.inf if k == 0 else flat.sort(descending=True).values[k - 1].item()
+        kept = 0
+        for i in members:
+            p, p0 = params[i], reference[i]
+            keep = (scores[i] >= threshold) & (k > 0)
+            kept += int(keep.sum())
+            value = p
+            if rescale:
+                compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+                delta = p.to(compute) - p0.to(compute)
+                value = (p0.to(compute) + delta / torch.tensor(1.0 - drop_ratio, dtype=compute)).to(p.dtype)
+            new[i] = torch.where(keep, value, p0)
+        stats[name] = {"threshold": threshold, "kept": kept, "numel": numel}
+    return new, stats

@@ -100,9 +100,10 @@ def test_exact_threshold_every_dtype_and_mixed(backend, dtype):
 
 
 def test_mask_ratio_is_taken_exactly(backend):
-    """k uses the exact value of the float r: floor(0.29 * 100) is 28 (0.29 is 0.28999...)."""
+    """k reads r as the decimal Python prints (section 1): floor(0.29 * 100) is 29, although the
+    float 0.29 is 0.28999..., whose binary value would give 28."""
     x = torch.arange(1, 101, dtype=torch.float32)
-    assert magnitude_threshold([x], 0.29, backend=backend).item() == 29.0  # k = 72: 100..29
+    assert magnitude_threshold([x], 0.29, backend=backend).item() == 30.0  # k = 71: 100..30
     assert magnitude_threshold([x], 0.5, backend=backend).item() == 51.0
 
 
