@@ -27,7 +27,7 @@ def magnitude_threshold(
 
     Returns a 0-d tensor on the tensors' device: the k-th largest |x| with k = N - floor(mask_ratio*N)
     (+inf if k = 0). Entries with |x| >= the result are the ones GMT keeps. With exact=False the
-    result may be off by at most 0.5 % of N in rank (far less in practice; see README). No
+    result is within 0.05 % of N in rank of the exact one (SEMANTICS.md allows 0.5 %). No
     host synchronisation, no copy of the inputs: extra memory is a few histograms.
     """
     tensors = list(tensors)

@@ -83,15 +83,3 @@ def select_thresholds(
     inf = torch.full_like(found, float("inf"))
     thresholds = torch.where(state[:, radix.K] == 0, inf, found)
     return Selection(thresholds, nonfinite, key_format)
-
-
-
-def __getattr__(name):
-    # magnitude_threshold moved to gmt_kernels/magnitude.py (it needs distributed.py, which needs
-    # this module); the old import path `from gmt_kernels.threshold import magnitude_threshold`
-    # still works, resolved on first use so that importing this module imports neither.
-    if name == "magnitude_threshold":
-        from .magnitude import magnitude_threshold
-
-        return magnitude_threshold
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
