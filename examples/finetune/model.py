@@ -25,6 +25,7 @@ def load_pretrained(path: Optional[str] = None):
 
     path = path or model_path()
     logging.set_verbosity_error()  # the checkpoint's pooler weights are "unexpected": on purpose
+    logging.disable_progress_bar()
     model = AutoModel.from_pretrained(path, add_pooling_layer=False)
     return model, AutoTokenizer.from_pretrained(path)
 
