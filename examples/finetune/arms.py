@@ -5,7 +5,8 @@ shared training loop (train.train): `before_training(model, optimizer, data, cfg
 optimizer is built and before step 1 (data: the tokenised splits, study.Data; cfg: the TrainConfig;
 a method that selects a mask from gradients accumulated over a calibration fraction of the training
 set runs train.forward_backward over train.micro_batches(...) there); `after_training(model, initial_state)` runs after the last step, before the
-test evaluation (initial_state: the pretrained weights, for methods that edit the learned deltas).
+test evaluation (initial_state: the pretrained weights, read-only, for methods that edit the learned
+deltas).
 Every arm shares TrainConfig (steps, batches, seeds, lr, schedule, clipping, weight decay 0).
 """
 

@@ -1,8 +1,10 @@
 """Code-search pairs from the Python standard library: (docstring -> function source without it).
 
 Every function and method of the running interpreter's stdlib with a docstring of at least 5 words
-and a body of at least 3 non-blank lines once the docstring is removed gives one pair. Tests,
-idlelib and site-packages are skipped. Pairs are split by a stable hash of their module's dotted
+and a body of at least 3 non-blank lines once the docstring is removed gives one pair (decorators
+kept, nested functions and methods included, duplicate code dropped). Tests (test/ and tests/
+folders, test_*.py), idlelib, site-packages, turtledemo (demo scripts) and __main__.py files are
+skipped. Pairs are split by a stable hash of their module's dotted
 name, so no test module is ever seen in training. Deterministic for a given interpreter: the files
 are walked in sorted order and the hash is SHA-1, not Python's salted hash().
 """

