@@ -4,8 +4,8 @@ One command runs every arm of arms.default_arms() for every seed (paired: a seed
 and dropout for all arms), evaluates MRR@10 / recall@1 over the test pool, times a training step
 per optimizer and writes results/<name>.json, .md and two plots. From the repository root:
 
-    python -m examples.finetune.study --quick      # a few minutes: tiny steps, 2 seeds, 200 test pairs
-    python -m examples.finetune.study              # the study: about 90 minutes on 2 cores
+    python -m examples.finetune.study --quick      # smoke run: 8 tiny steps, 2 seeds, 200 test pairs
+    python -m examples.finetune.study              # the study: sized for about 90 minutes on 2 idle cores
     python -m examples.finetune.study --sweep-only # just the AdamW learning-rate sweep on validation
     python -m examples.finetune.study --timing-only # just the samples/s table at the study's batch size
 
@@ -118,7 +118,7 @@ FULL = dict(steps=60, batch_size=16, max_len=64, seeds=3, lr_grid="5e-5,1e-4,2e-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a few minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     for key in ("steps", "batch_size", "max_len", "seeds", "test_limit", "val_limit", "timing_rounds"):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=f"default {FULL[key]}")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (InfoNCE negatives stay within a micro-batch)")
