@@ -363,8 +363,9 @@ def test_masked_adamw_offsets_beyond_2_31():
     tl = triton_adamw.tl
     triton_adamw.masked_adamw_kernel[(1,)](
         table, torch.zeros(1, dtype=torch.int32), thresholds, kept, dummy, dummy, dummy.view(torch.uint8),
-        0.01, 0.1, 0.9, 0.999, math.log(0.9), math.log(0.999), 1e-8, 0, 0, 0, 0, 0,
-        PARAM=tl.float32, COMPUTE=tl.float32, AMSGRAD=False, ALIGNED=False, BLOCK=block, ITERS=iters)
+        0.01, 0.1, 0.9, 0.999, math.log(0.9), math.log(0.999), 1e-8, 0, 0, 0,
+        PARAM=tl.float32, COMPUTE=tl.float32, AMSGRAD=False, ALIGNED=False, BLOCK=block, ITERS=iters,
+        FREEZE=False, HAS_GRAD_SCALE=False)
     ref_kept = torch.zeros(1, dtype=torch.int64)
     reference.masked_adamw([expected[0]], [expected[1]], [expected[2]], [expected[3]], [], [step], thresholds,
                            ref_kept, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False,
