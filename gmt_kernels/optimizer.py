@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -210,7 +211,7 @@ class GMTAdamW(torch.optim.Optimizer):
 
         skip = None
         if self.nonfinite != "propagate" and selections:
-            nonfinite = torch.stack([sel.nonfinite.sum() for sel in selections.values()]).sum()
+            nonfinite = functools.reduce(torch.add, [sel.nonfinite.sum() for sel in selections.values()])
             if self.nonfinite == "raise":
                 if nonfinite.item() > 0:
                     self._raise_nonfinite(batches)
@@ -380,7 +381,7 @@ class GMTAdamW(torch.optim.Optimizer):
         masked = group["mask_ratio"] > 0
         if masked:
             fmt = rows[0][0]  # every tensor of a batch shares its scopes' key format
-            index = torch.tensor([rows[i][1] for i in range(n)], dtype=torch.int64).to(self._primary, non_blocking=True)
+            index = _device_index(tuple(rows[i][1] for i in range(n)), self._primary)
             thresholds = selections[fmt].thresholds.index_select(0, index).to(device, non_blocking=True)
         else:  # threshold 0 keeps every entry
             thresholds = torch.zeros(n, dtype=fmt.threshold_dtype, device=device)
@@ -471,6 +472,22 @@ def _use_local_shards(batches: list[_Batch]) -> None:
     for batch in batches:
         batch.params = [_local(p) for p in batch.params]
         batch.states = [{key: _local(value) for key, value in state.items()} for state in batch.states]
+
+
+_INDEX_CACHE_SIZE = 64
+_index_cache: dict = {}
+
+
+def _device_index(rows: tuple, device: torch.device) -> Tensor:
+    """The int64 tensor `rows` on `device`, copied from the host once per distinct value (a
+    steady-state step then takes no host data: CUDA-graph capturable). Never written in place."""
+    key = (device, rows)
+    index = _index_cache.get(key)
+    if index is None:
+        if len(_index_cache) >= _INDEX_CACHE_SIZE:
+            _index_cache.pop(next(iter(_index_cache)))
+        index = _index_cache[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+    return index
 
 
 class _PerDevice:
