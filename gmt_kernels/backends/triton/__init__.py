@@ -18,6 +18,7 @@ the shared names belongs to the C++ kernels.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -33,8 +34,10 @@ from .select import launch_select
 SERVED_DTYPES = tuple(TORCH_TO_TRITON)
 
 
+@functools.lru_cache(maxsize=None)
 def interpreter_active() -> bool:
-    """True if the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    """True if the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import;
+    fixed from then on, and asked per tensor per step: cached)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(radix_histogram_kernel, InterpretedFunction)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .histogram import TORCH_TO_TRITON, widen
 from .. import memory_order_view
-from .tables import is_aligned, launch_table
+from .tables import cached_plan, is_aligned, launch_table
 
 # 4 warps x 16 bytes of each tensor per thread per iteration (one 128-bit access: 4 fp32 or 8
 # 16-bit entries; fp64 takes two), 8 iterations per program: 8-16 KiB of each of g/p/m/v per
@@ -244,17 +244,11 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf  # 0**step = 0 for every step >= 1
 
 
-def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
-                        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip,
-                        fallback) -> None:
-    """`fallback(i)` updates tensor i another way: used only for tensors whose layouts differ."""
-    if not params:
-        return
+def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad) -> tuple:
+    """(tensors to update by reference, [(aligned, LaunchTable)]): one launch per alignment."""
     device, dtype = params[0].device, params[0].dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    if thresholds.dtype not in (torch.float32, torch.float64) or kept.dtype != torch.int64:
-        raise ValueError("masked_adamw: thresholds must be float32/float64 and kept int64 tensors.")
     launches = defaultdict(lambda: ([], []))
+    by_reference = []
     for i, p in enumerate(params):
         if p.dtype != dtype or p.device != device:
             raise ValueError(
@@ -266,25 +260,46 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
             continue
         flats = [memory_order_view(x) for x in tensors]
         if any(f is None for f in flats) or any(x.stride() != p.stride() or x.dtype != dtype for x in tensors):
-            fallback(i)  # e.g. a gradient laid out unlike its parameter: rare, handled tensor by tensor
+            by_reference.append(i)
             continue
         ptrs = [f.data_ptr() for f in flats] + ([] if amsgrad else [0])
         rows, numels = launches[is_aligned(*flats)]
         rows.append((*ptrs, steps[i].data_ptr(), i))  # i: the threshold / kept slot
         numels.append(p.numel())
-    if not launches:
+    if launches:
+        for step in steps:
+            if step.dtype != torch.float32 or step.device != device:
+                raise ValueError("masked_adamw: every step must be a 0-d float32 tensor on the parameters' device.")
+    tables = [(aligned, launch_table(rows, numels, block_for(dtype) * ITERS, device))
+              for aligned, (rows, numels) in launches.items()]
+    return by_reference, tables
+
+
+def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
+                        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip,
+                        fallback) -> None:
+    """`fallback(i)` updates tensor i another way: used only for tensors whose layouts differ."""
+    if not params:
         return
-    for step in steps:
-        if step.dtype != torch.float32 or step.device != device:
-            raise ValueError("masked_adamw: every step must be a 0-d float32 tensor on the parameters' device.")
+    device, dtype = params[0].device, params[0].dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if thresholds.dtype not in (torch.float32, torch.float64) or kept.dtype != torch.int64:
+        raise ValueError("masked_adamw: thresholds must be float32/float64 and kept int64 tensors.")
+    tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs, *(max_exp_avg_sqs if amsgrad else []), *steps]
+    by_reference, tables = cached_plan(
+        tensors, (device, bool(amsgrad), len(params)),
+        lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad), True))
+    for i in by_reference:
+        fallback(i)  # e.g. a gradient laid out unlike its parameter: rare, handled tensor by tensor
+    if not tables:
+        return
     lr_is_tensor = isinstance(lr, torch.Tensor)
     unused = _placeholder(device)  # a valid pointer for arguments the kernel is told not to read
     lr_tensor = lr.to(device, non_blocking=True) if lr_is_tensor else unused
     scale = grad_scale if grad_scale is not None else unused
     skip_bytes = skip.view(torch.uint8) if skip is not None else unused.view(torch.uint8)
-    for aligned, (rows, numels) in launches.items():
-        block = block_for(dtype)
-        lt = launch_table(rows, numels, block * ITERS, device)
+    block = block_for(dtype)
+    for aligned, lt in tables:
         masked_adamw_kernel[(lt.num_chunks,)](
             lt.table, lt.chunk_owner, thresholds, kept, lr_tensor, scale, skip_bytes,
             0.0 if lr_is_tensor else float(lr), float(weight_decay), float(beta1), float(beta2),

@@ -20,7 +20,7 @@ import triton.language as tl
 from ... import radix
 from ...radix import KeyFormat
 from .. import memory_order_view
-from .tables import is_aligned, launch_table
+from .tables import cached_plan, is_aligned, launch_table
 
 # 4 warps x 8 entries per thread per iteration; 16 iterations per program. A program's private
 # histogram (radix.BINS bins) is flushed with one atomic per non-empty bin, so it must cover enough
@@ -166,15 +166,8 @@ def radix_histogram_kernel(
         tl.atomic_add(out + BINS + 1, nonfinite.to(tl.int64), sem="relaxed")
 
 
-def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> None:
-    if hist.dim() != 2 or hist.shape[-1] != radix.HIST_COLUMNS or state.dim() != 2 or state.shape[-1] != radix.STATE_COLUMNS:
-        raise ValueError(
-            f"radix_histogram: state {tuple(state.shape)} and hist {tuple(hist.shape)}; the triton backend takes "
-            f"state [S, {radix.STATE_COLUMNS}] (radix.initial_state) and hist [S, {radix.HIST_COLUMNS}]."
-        )
-    for tensor in (state, hist):
-        if not tensor.is_contiguous() or tensor.dtype != torch.int64:
-            raise ValueError("radix_histogram: state and hist must be contiguous int64 tensors.")
+def _plan(grads, scope_of, device) -> tuple:
+    """([(dtype, aligned, LaunchTable, temporaries)], cacheable): one launch per (dtype, alignment)."""
     launches = defaultdict(lambda: ([], []))
     keep_alive = []
     for index, (grad, scope) in enumerate(zip(grads, scope_of)):
@@ -188,8 +181,23 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> 
         rows, numels = launches[(grad.dtype, is_aligned(flat))]
         rows.append((flat.data_ptr(), int(scope), index))
         numels.append(flat.numel())
-    for (dtype, aligned), (rows, numels) in launches.items():
-        lt = launch_table(rows, numels, CHUNK, hist.device)
+    plan = [(dtype, aligned, launch_table(rows, numels, CHUNK, device), keep_alive)
+            for (dtype, aligned), (rows, numels) in launches.items()]
+    return plan, not keep_alive  # a copy is made afresh for every call
+
+
+def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> None:
+    if hist.dim() != 2 or hist.shape[-1] != radix.HIST_COLUMNS or state.dim() != 2 or state.shape[-1] != radix.STATE_COLUMNS:
+        raise ValueError(
+            f"radix_histogram: state {tuple(state.shape)} and hist {tuple(hist.shape)}; the triton backend takes "
+            f"state [S, {radix.STATE_COLUMNS}] (radix.initial_state) and hist [S, {radix.HIST_COLUMNS}]."
+        )
+    for tensor in (state, hist):
+        if not tensor.is_contiguous() or tensor.dtype != torch.int64:
+            raise ValueError("radix_histogram: state and hist must be contiguous int64 tensors.")
+    grads = list(grads)
+    plan = cached_plan(grads, (hist.device, tuple(scope_of)), lambda: _plan(grads, scope_of, hist.device))
+    for dtype, aligned, lt, keep_alive in plan:
         radix_histogram_kernel[(lt.num_chunks,)](
             lt.table, lt.chunk_owner, state, hist,
             GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=TORCH_TO_TRITON[key_format.float_dtype],

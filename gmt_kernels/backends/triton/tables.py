@@ -17,8 +17,9 @@ device (which also keeps a captured CUDA graph valid). Memory: 8 * columns bytes
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -68,3 +69,39 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def is_aligned(*tensors: torch.Tensor) -> bool:
     """True if every tensor starts on a 16-byte boundary: the kernels may then use 128-bit loads."""
     return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+# ---- launch plans -------------------------------------------------------------------------------
+# What a launcher derives from its tensors (dtypes, layouts, alignment, tables) costs a few
+# microseconds per tensor in Python, times the passes of a step. A plan is reused while the call
+# gets the same tensor objects with the same storage (checked per call: one data_ptr and one weak
+# reference per tensor), which is every step of a training loop that keeps its gradients; a new
+# gradient object (zero_grad(set_to_none=True)) rebuilds the plan, and the table cache above still
+# avoids the copy if the addresses are the same.
+
+
+class _Plan(NamedTuple):
+    refs: tuple
+    ptrs: tuple
+    value: object
+
+
+_PLAN_CACHE_SIZE = 64
+_plans: "OrderedDict[tuple, _Plan]" = OrderedDict()
+
+
+def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], tuple]):
+    """build() -> (plan, cacheable); the plan of an earlier call with these very tensors (same
+    objects, same data_ptrs) and the same `extra` if there is one."""
+    key = (extra, tuple(map(id, tensors)))
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    hit = _plans.get(key)
+    if hit is not None and hit.ptrs == ptrs and all(r() is t for r, t in zip(hit.refs, tensors)):
+        _plans.move_to_end(key)
+        return hit.value
+    value, cacheable = build()
+    if cacheable:
+        _plans[key] = _Plan(tuple(weakref.ref(t) for t in tensors), ptrs, value)
+        if len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return value
