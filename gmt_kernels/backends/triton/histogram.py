@@ -1,12 +1,21 @@
 """The histogram pass (Backend.radix_histogram) as one Triton launch per gradient dtype.
 
-Each program takes one CHUNK of one tensor (see tables.py), turns |g| into its integer key in the
-scope's key format, histograms the keys inside the scope's interval [LO, LAST] by (key - LO) >>
-SHIFT in registers (tl.histogram) over CHUNK entries, counts the keys above LAST and the
-non-finite ones, and adds all of it to the global histogram with one vector atomic and two scalar
-ones. Programs of finished scopes (DONE) return before reading a byte; in a sampled pass only the
-lanes of picked blocks load, so a pass costs what it reads. Nothing is copied, nothing returns to
-the host.
+A persistent grid (a few programs per SM) walks the CHUNKs of the launch (see tables.py). Per
+chunk a program turns |g| into integer keys in the scope's key format, histograms the keys inside
+the scope's interval [LO, LAST] by (key - LO) >> SHIFT (tl.histogram, BLOCK = 4096 entries per
+call, so that the call's fixed shared-memory work, zeroing and reading back 4096 bins, is one
+load and one store per entry), counts the keys above LAST and the non-finite ones in per-lane
+registers (reduced once per chunk), and adds everything to the global histogram with one vector
+atomic and two scalar ones.
+
+- A pass over scopes that are all DONE (approx/exact selections end before radix.max_passes) is
+  read as such by every program from the state's DONE flags and ends there: no chunk is visited.
+- Chunks of a DONE scope are skipped after reading one flag.
+- A sampled pass (SAMPLE > 0) reads only the picked 64-entry blocks of a chunk: their indices are
+  compacted into the slots of one 4096-entry tile (64 blocks), so a chunk with up to 64 picks
+  (1/4 of its blocks) costs one tl.histogram call instead of four, and only picked blocks load.
+
+Nothing is copied, nothing returns to the host.
 """
 
 from __future__ import annotations
@@ -22,14 +31,14 @@ from ...radix import KeyFormat
 from .. import memory_order_view
 from .tables import cached_plan, is_aligned, launch_table
 
-# 4 warps x 8 entries per thread per iteration; 16 iterations per program. A program's private
-# histogram (radix.BINS bins) is flushed with one atomic per non-empty bin, so it must cover enough
-# entries to make that flush cheap (~0.1 atomic per entry at most) while leaving enough programs
-# to fill the GPU (a 1e8-entry model gives 6100 programs).
-BLOCK = 1024
-ITERS = 16
+# 8 warps x 16 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
+# back 4096 bins of shared memory, one word per entry), 4 calls per 16384-entry chunk. A chunk's
+# private histogram is flushed with one atomic per non-empty bin (at most 1/4 per entry).
+BLOCK = 4096
+ITERS = 4
 CHUNK = BLOCK * ITERS
-NUM_WARPS = 4
+NUM_WARPS = 8
+PROGRAMS_PER_SM = 4
 BINS = radix.BINS
 
 TORCH_TO_TRITON = {
@@ -65,18 +74,6 @@ def _keys(g, KEY_FLOAT: tl.constexpr):
 
 
 @triton.jit
-def _count(g, valid, lo, last, shift, KEY_FLOAT: tl.constexpr, INF_KEY: tl.constexpr, BINS: tl.constexpr):
-    """(bins, above, nonfinite) of one block of gradients under the scope's interval."""
-    key = _keys(g, KEY_FLOAT)
-    inside = valid & (key >= lo) & (key <= last)
-    digit = ((key - lo) >> shift).to(tl.int32)
-    counts = tl.histogram(digit, BINS, mask=inside)
-    above = tl.sum((valid & (key > last)).to(tl.int32), axis=0)
-    nonfinite = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), axis=0)
-    return counts, above, nonfinite
-
-
-@triton.jit
 def _sampled(block, salt, log2):
     """radix.sampled_blocks for blocks (int64), in 32-bit arithmetic that wraps as the hash's
     mod 2**32 does; salt: the tensor's term of the hash (uint32), log2: int32."""
@@ -85,11 +82,31 @@ def _sampled(block, salt, log2):
 
 
 @triton.jit
+def _picked_tile(start, remaining, salt, sample, group, SAMPLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """(offsets, valid) of one BLOCK-entry tile holding the `group`-th BLOCK // SAMPLE_BLOCK picked
+    blocks of the chunk at `start` (slot j: the (group * slots + j)-th picked block)."""
+    SLOTS: tl.constexpr = BLOCK // SAMPLE_BLOCK
+    blocks = tl.arange(0, CHUNK // SAMPLE_BLOCK)
+    picked = (blocks * SAMPLE_BLOCK < remaining) & _sampled(start // SAMPLE_BLOCK + blocks, salt, sample)
+    rank = tl.cumsum(picked.to(tl.int32), axis=0)  # 1-based rank of each picked block
+    wanted = group * SLOTS + tl.arange(0, SLOTS) + 1
+    match = (rank[None, :] == wanted[:, None]) & picked[None, :]
+    block_of_slot = tl.sum(tl.where(match, blocks[None, :], 0), axis=1)
+    used = tl.sum(match.to(tl.int32), axis=1) > 0
+    offs = block_of_slot[:, None] * SAMPLE_BLOCK + tl.arange(0, SAMPLE_BLOCK)[None, :]
+    valid = used[:, None] & (offs < remaining)
+    return tl.reshape(offs, [BLOCK]), tl.reshape(valid, [BLOCK])
+
+
+@triton.jit
 def radix_histogram_kernel(
     table,  # int64 [n, 5]: data_ptr, scope row, index in the call, numel, first chunk
     chunk_owner,  # int32 [chunks]
     state,  # int64 [S, STATE_COLUMNS]
     hist,  # int64 [S, BINS + 2]
+    num_chunks,  # chunks of the launch (the grid may be smaller: programs loop)
+    num_scopes,  # S
     GRAD: tl.constexpr,  # element type of every gradient of this launch
     KEY_FLOAT: tl.constexpr,  # float type of the key format
     INF_KEY: tl.constexpr,  # the format's smallest non-finite key
@@ -100,70 +117,76 @@ def radix_histogram_kernel(
     STATE_COLUMNS: tl.constexpr,
     SAMPLE_BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_owner + pid).to(tl.int64)
-    row = table + t * 5
-    scope = tl.load(row + 1)
-    scope_state = state + scope * STATE_COLUMNS  # columns (radix.py): LO, LAST, SHIFT, SAMPLE, DONE, ...
-    if tl.load(scope_state + 4) != 0:  # DONE: this scope needs no more passes
+    # A dead pass (every scope DONE) ends here, after one read of the DONE flags.
+    active = 0
+    for first_row in range(0, num_scopes, 1024):
+        rows = first_row + tl.arange(0, 1024)
+        done = tl.load(state + rows.to(tl.int64) * STATE_COLUMNS + 4, mask=rows < num_scopes, other=1)
+        active += tl.sum((done == 0).to(tl.int32), axis=0)
+    if active == 0:
         return
-    salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)  # the tensor's index
-    numel = tl.load(row + 3)
-    start = (pid - tl.load(row + 4)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
-    ptr = tl.load(row).to(tl.pointer_type(GRAD))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    base = ptr + start
-
-    sample = tl.load(scope_state + 3).to(tl.int32)
-    if KEY_FLOAT == tl.float64:
-        lo = tl.load(scope_state)
-        last = tl.load(scope_state + 1)
-        shift = tl.load(scope_state + 2)
-    else:  # 15- and 31-bit keys are int32
-        lo = tl.load(scope_state).to(tl.int32)
-        last = tl.load(scope_state + 1).to(tl.int32)
-        shift = tl.load(scope_state + 2).to(tl.int32)
     lanes = tl.arange(0, BLOCK)
-    counts = tl.zeros([BINS], dtype=tl.int32)
-    above = 0
-    nonfinite = 0
-    if sample != 0:
-        # A sampled pass: only lanes in picked blocks load (masked-off lanes cost no memory traffic).
-        for i in range(tl.cdiv(tl.minimum(numel - start, BLOCK * ITERS), BLOCK).to(tl.int32)):
-            offs = i * BLOCK + lanes
-            picked = (offs < numel - start) & _sampled((start + offs) // SAMPLE_BLOCK, salt, sample)
-            g = tl.load(base + offs, mask=picked, other=0.0)
-            c, a, nf = _count(g, picked, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
-            counts += c
-            above += a
-            nonfinite += nf
-    elif start + BLOCK * ITERS <= numel:
-        # A full chunk: unmasked loads, which the compiler can vectorise (the mask of a tail
-        # would be unknown per lane and force scalar loads).
-        for i in range(ITERS):
-            g = tl.load(base + i * BLOCK + lanes)
-            c, a, nf = _count(g, lanes >= 0, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
-            counts += c
-            above += a
-            nonfinite += nf
-    else:
-        remaining = numel - start
-        for i in range(tl.cdiv(remaining, BLOCK).to(tl.int32)):
-            offs = i * BLOCK + lanes
-            valid = offs < remaining
-            g = tl.load(base + offs, mask=valid, other=0.0)
-            c, a, nf = _count(g, valid, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
-            counts += c
-            above += a
-            nonfinite += nf
-    out = hist + scope * (BINS + 2)
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(out + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
-    if above > 0:
-        tl.atomic_add(out + BINS, above.to(tl.int64), sem="relaxed")
-    if nonfinite > 0:
-        tl.atomic_add(out + BINS + 1, nonfinite.to(tl.int64), sem="relaxed")
+    for chunk in tl.range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+        t = tl.load(chunk_owner + chunk).to(tl.int64)
+        row = table + t * 5
+        scope = tl.load(row + 1)
+        scope_state = state + scope * STATE_COLUMNS  # columns (radix.py): LO, LAST, SHIFT, SAMPLE, DONE, ...
+        if tl.load(scope_state + 4) == 0:  # DONE scopes need no more passes
+            salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)  # the tensor's index
+            numel = tl.load(row + 3)
+            start = (chunk - tl.load(row + 4)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
+            ptr = tl.load(row).to(tl.pointer_type(GRAD))
+            if ALIGNED:
+                ptr = tl.multiple_of(ptr, 16)
+            base = ptr + start
+            sample = tl.load(scope_state + 3).to(tl.int32)
+            if KEY_FLOAT == tl.float64:
+                lo = tl.load(scope_state)
+                last = tl.load(scope_state + 1)
+                shift = tl.load(scope_state + 2)
+            else:  # 15- and 31-bit keys are int32
+                lo = tl.load(scope_state).to(tl.int32)
+                last = tl.load(scope_state + 1).to(tl.int32)
+                shift = tl.load(scope_state + 2).to(tl.int32)
+            remaining = numel - start
+            full = remaining >= BLOCK * ITERS
+            if sample != 0:  # tiles of picked blocks
+                blocks = tl.arange(0, (BLOCK * ITERS) // SAMPLE_BLOCK)
+                picked = (blocks * SAMPLE_BLOCK < remaining) & _sampled(start // SAMPLE_BLOCK + blocks, salt, sample)
+                tiles = tl.cdiv(tl.sum(picked.to(tl.int32), axis=0), BLOCK // SAMPLE_BLOCK)
+            elif full:
+                tiles = tl.full([], ITERS, tl.int32)
+            else:
+                tiles = tl.cdiv(remaining, BLOCK).to(tl.int32)
+            counts = tl.zeros([BINS], dtype=tl.int32)
+            above = tl.zeros([BLOCK], dtype=tl.int32)  # per lane, reduced once per chunk
+            nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
+            for i in range(tiles):
+                if sample != 0:
+                    offs, valid = _picked_tile(start, remaining, salt, sample, i, SAMPLE_BLOCK, BLOCK, BLOCK * ITERS)
+                    g = tl.load(base + offs, mask=valid, other=0.0)
+                elif full:
+                    # Unmasked: the compiler can vectorise (a tail's per-lane mask forces scalar loads).
+                    valid = lanes >= 0
+                    g = tl.load(base + i * BLOCK + lanes)
+                else:
+                    offs = i * BLOCK + lanes
+                    valid = offs < remaining
+                    g = tl.load(base + offs, mask=valid, other=0.0)
+                key = _keys(g, KEY_FLOAT)
+                inside = valid & (key >= lo) & (key <= last)
+                counts += tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
+                above += (valid & (key > last)).to(tl.int32)
+                nonfinite += (valid & (key >= INF_KEY)).to(tl.int32)
+            out = hist + scope * (BINS + 2)
+            bins = tl.arange(0, BINS)
+            tl.atomic_add(out + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
+            above_total = tl.sum(above, axis=0)
+            nonfinite_total = tl.sum(nonfinite, axis=0)
+            if above_total > 0:
+                tl.atomic_add(out + BINS, above_total.to(tl.int64), sem="relaxed")
+            if nonfinite_total > 0:
+                tl.atomic_add(out + BINS + 1, nonfinite_total.to(tl.int64), sem="relaxed")
 
 
 def _plan(grads, scope_of, device) -> tuple:
@@ -198,9 +221,22 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> 
     grads = list(grads)
     plan = cached_plan(grads, (hist.device, tuple(scope_of)), lambda: _plan(grads, scope_of, hist.device))
     for dtype, aligned, lt, keep_alive in plan:
-        radix_histogram_kernel[(lt.num_chunks,)](
-            lt.table, lt.chunk_owner, state, hist,
+        radix_histogram_kernel[(min(lt.num_chunks, _programs(hist.device)),)](
+            lt.table, lt.chunk_owner, state, hist, lt.num_chunks, state.shape[0],
             GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=TORCH_TO_TRITON[key_format.float_dtype],
             INF_KEY=key_format.inf_key, ALIGNED=aligned, BINS=BINS, BLOCK=BLOCK, ITERS=ITERS,
             STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK, num_warps=NUM_WARPS,
         )
+
+
+_INTERPRETER_PROGRAMS = 8  # CPU tensors (interpreter): few programs, so that tests exercise the loop
+_program_counts: dict = {}
+
+
+def _programs(device: torch.device) -> int:
+    """Programs of a persistent launch on `device`: PROGRAMS_PER_SM per multiprocessor."""
+    if device.type == "cpu":
+        return _INTERPRETER_PROGRAMS
+    if device not in _program_counts:
+        _program_counts[device] = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _program_counts[device]
