@@ -11,7 +11,8 @@ with int64 offsets, so a tensor of any size (beyond 2**31 entries) and any numbe
 one launch. The tables only hold addresses and sizes, which the host knows without reading the
 device, so they are built on the host; they are cached by their contents, so a training loop whose
 tensors keep their storage (the usual case) builds them once and later steps copy nothing to the
-device (which also keeps a captured CUDA graph valid). Memory: 8 * columns bytes per tensor plus
+device (which also keeps a captured CUDA graph valid). The chunk owners, the large part, are
+cached by the tensor sizes alone: tensors that move copy only their n rows again. Memory: 8 * columns bytes per tensor plus
 4 bytes per CHUNK entries (2.4e-4 bytes per entry at CHUNK = 16384).
 """
 
@@ -41,22 +42,41 @@ def launch_table(rows: Sequence[tuple[int, ...]], numels: Sequence[int], chunk: 
     if hit is not None:
         _cache.move_to_end(key)
         return hit
-    chunks = torch.tensor([-(-n // chunk) for n in numels], dtype=torch.int64)
-    first = torch.cumsum(chunks, 0) - chunks
+    # The chunk owners (4 bytes per chunk: the large part) depend on the sizes only, so tensors that
+    # move (new gradient storage every step) copy just their small [n, columns] table again.
+    owner, first = _cached(_owner_cache, (device, chunk, tuple(numels)), lambda: _chunk_owner(numels, chunk, device))
     table = torch.cat(
         [torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1),
          torch.tensor(numels, dtype=torch.int64)[:, None], first[:, None]], dim=1)
-    owner = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), chunks)
+    result = LaunchTable(_to_device(table.contiguous(), device), owner, int(owner.numel()))
+    return _cached(_cache, key, lambda: result)
+
+
+_owner_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _cached(cache: OrderedDict, key, build):
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = build()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return hit
+
+
+def _chunk_owner(numels, chunk: int, device: torch.device) -> tuple:
+    """(chunk owner on the device, first chunk of each tensor on the host)."""
+    chunks = torch.tensor([-(-n // chunk) for n in numels], dtype=torch.int64)
+    first = torch.cumsum(chunks, 0) - chunks
+    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), chunks)
     if owner.numel() >= 2**31:
         raise ValueError(
             f"gmt_kernels triton backend: {owner.numel()} chunks of {chunk} entries exceed one launch's grid "
             "(2**31 - 1 programs); split the parameters into several param groups."
         )
-    result = LaunchTable(_to_device(table.contiguous(), device), _to_device(owner, device), int(owner.numel()))
-    _cache[key] = result
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
-    return result
+    return _to_device(owner, device), first
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
