@@ -31,14 +31,17 @@ from ...radix import KeyFormat
 from .. import memory_order_view
 from .tables import cached_plan, is_aligned, launch_table
 
-# 8 warps x 16 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
+# 16 warps x 8 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
 # back 4096 bins of shared memory, one word per entry), 4 calls per 16384-entry chunk. A chunk's
-# private histogram is flushed with one atomic per non-empty bin (at most 1/4 per entry).
+# private histogram is flushed with one atomic per non-empty bin (at most 1/4 per entry). 16 warps
+# rather than 8 halve the registers per thread (~115 on sm_90 against ~190: the 4096 bins and the
+# per-lane counters are spread over twice as many threads); either way one program fills an SM's
+# register file, so the persistent grid has one program per SM.
 BLOCK = 4096
 ITERS = 4
 CHUNK = BLOCK * ITERS
-NUM_WARPS = 8
-PROGRAMS_PER_SM = 4
+NUM_WARPS = 16
+PROGRAMS_PER_SM = 1
 BINS = radix.BINS
 
 TORCH_TO_TRITON = {
@@ -87,13 +90,14 @@ def _picked_tile(start, remaining, salt, sample, group, SAMPLE_BLOCK: tl.constex
     """(offsets, valid) of one BLOCK-entry tile holding the `group`-th BLOCK // SAMPLE_BLOCK picked
     blocks of the chunk at `start` (slot j: the (group * slots + j)-th picked block)."""
     SLOTS: tl.constexpr = BLOCK // SAMPLE_BLOCK
-    blocks = tl.arange(0, CHUNK // SAMPLE_BLOCK)
+    NB: tl.constexpr = CHUNK // SAMPLE_BLOCK
+    blocks = tl.arange(0, NB)
     picked = (blocks * SAMPLE_BLOCK < remaining) & _sampled(start // SAMPLE_BLOCK + blocks, salt, sample)
-    rank = tl.cumsum(picked.to(tl.int32), axis=0)  # 1-based rank of each picked block
-    wanted = group * SLOTS + tl.arange(0, SLOTS) + 1
-    match = (rank[None, :] == wanted[:, None]) & picked[None, :]
-    block_of_slot = tl.sum(tl.where(match, blocks[None, :], 0), axis=1)
-    used = tl.sum(match.to(tl.int32), axis=1) > 0
+    # The picked blocks first, in order (a sort of NB values: one per thread, no NB x SLOTS matrix).
+    order = tl.sort(tl.where(picked, blocks, blocks + NB))
+    tiles = tl.reshape(order, [NB // SLOTS, SLOTS])
+    block_of_slot = tl.sum(tl.where(tl.arange(0, NB // SLOTS)[:, None] == group, tiles, 0), axis=0)
+    used = block_of_slot < NB  # past the last pick: the unpicked blocks, sorted after NB
     offs = block_of_slot[:, None] * SAMPLE_BLOCK + tl.arange(0, SAMPLE_BLOCK)[None, :]
     valid = used[:, None] & (offs < remaining)
     return tl.reshape(offs, [BLOCK]), tl.reshape(valid, [BLOCK])
