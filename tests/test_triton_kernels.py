@@ -208,7 +208,9 @@ def test_histogram_offsets_beyond_2_31():
     state[0, radix.SAMPLE] = 2  # the picked blocks' indices are past 2**21 too
     hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
     triton_histogram.radix_histogram_kernel[(1,)](
-        table, torch.zeros(1, dtype=torch.int32), state, hist, 1, 1, GRAD=triton_histogram.tl.float32,
+        table, torch.zeros(1, dtype=torch.int32), state, hist, 1, 1,
+        torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, dtype=torch.int32), 0,  # no sample list: tiles
+        GRAD=triton_histogram.tl.float32,
         KEY_FLOAT=triton_histogram.tl.float32, INF_KEY=fmt.inf_key, ALIGNED=False, BINS=radix.BINS,
         BLOCK=triton_histogram.BLOCK, ITERS=triton_histogram.ITERS, STATE_COLUMNS=radix.STATE_COLUMNS,
         SAMPLE_BLOCK=radix.SAMPLE_BLOCK)
@@ -421,3 +423,10 @@ def test_sampled_pass_with_many_picks_per_chunk():
     reference.radix_histogram(grads, [0, 1], state, theirs, key_format=fmt)
     assert torch.equal(ours, theirs)
     assert 0.4 < ours[0, : radix.BINS].sum() / grads[0].numel() < 0.6 and ours[1].sum() == 0
+    # A scope sampling at a higher rate than its entries in this call suggest (a shard of a larger
+    # scope): the list holds 1/2 of the blocks, the kernel counts the 1/8 the scope picks.
+    state[0, radix.SAMPLE] = 3
+    ours.zero_(), theirs.zero_()
+    tb.radix_histogram(grads, [0, 1], state, ours, key_format=fmt)
+    reference.radix_histogram(grads, [0, 1], state, theirs, key_format=fmt)
+    assert torch.equal(ours, theirs) and 0.05 < ours[0, : radix.BINS].sum() / grads[0].numel() < 0.2

@@ -11,9 +11,11 @@ atomic and two scalar ones.
 - A pass over scopes that are all DONE (approx/exact selections end before radix.max_passes) is
   read as such by every program from the state's DONE flags and ends there: no chunk is visited.
 - Chunks of a DONE scope are skipped after reading one flag.
-- A sampled pass (SAMPLE > 0) reads only the picked 64-entry blocks of a chunk: their indices are
-  compacted into the slots of one 4096-entry tile (64 blocks), so a chunk with up to 64 picks
-  (1/4 of its blocks) costs one tl.histogram call instead of four, and only picked blocks load.
+- A sampled pass (SAMPLE > 0) walks a sample list instead of the chunks (tables.sample_list: the
+  picked 64-entry blocks of every tensor, listed once per set of tensor sizes): one tl.histogram
+  call per 64 picked blocks, so the pass costs what the sample holds, in DRAM and shared memory.
+  Without a list (a direct launch), a sampled chunk compacts its picked blocks into 4096-entry
+  tiles (_picked_tile): one call per chunk with up to 64 picks.
 
 Nothing is copied, nothing returns to the host.
 """
@@ -29,7 +31,7 @@ import triton.language as tl
 from ... import radix
 from ...radix import KeyFormat
 from .. import memory_order_view
-from .tables import cached_plan, is_aligned, launch_table
+from .tables import cached_plan, is_aligned, launch_table, sample_list
 
 # 16 warps x 8 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
 # back 4096 bins of shared memory, one word per entry), 4 calls per 16384-entry chunk. A chunk's
@@ -104,6 +106,52 @@ def _picked_tile(start, remaining, salt, sample, group, SAMPLE_BLOCK: tl.constex
 
 
 @triton.jit
+def _count_item(item, items, picked, table, state, hist, GRAD: tl.constexpr, KEY_FLOAT: tl.constexpr,
+                INF_KEY: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr, STATE_COLUMNS: tl.constexpr,
+                SAMPLE_BLOCK: tl.constexpr):
+    """One item of a sample list: up to BLOCK // SAMPLE_BLOCK picked blocks of one tensor, one
+    tl.histogram call. Blocks the scope's own rate does not pick are masked (the list may have
+    been built at a lower rate than the scope's, e.g. for a shard of a larger scope)."""
+    SLOTS: tl.constexpr = BLOCK // SAMPLE_BLOCK
+    t = tl.load(items + item * 3)
+    first = tl.load(items + item * 3 + 1)
+    count = tl.load(items + item * 3 + 2)
+    row = table + t * 5
+    scope = tl.load(row + 1)
+    scope_state = state + scope * STATE_COLUMNS
+    if (tl.load(scope_state + 4) == 0) & (tl.load(scope_state + 3) != 0):
+        sample = tl.load(scope_state + 3).to(tl.int32)
+        salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)
+        numel = tl.load(row + 3)
+        ptr = tl.load(row).to(tl.pointer_type(GRAD))
+        if KEY_FLOAT == tl.float64:
+            lo = tl.load(scope_state)
+            last = tl.load(scope_state + 1)
+            shift = tl.load(scope_state + 2)
+        else:
+            lo = tl.load(scope_state).to(tl.int32)
+            last = tl.load(scope_state + 1).to(tl.int32)
+            shift = tl.load(scope_state + 2).to(tl.int32)
+        slots = tl.arange(0, SLOTS)
+        block = tl.load(picked + first + slots, mask=slots < count, other=0).to(tl.int64)
+        used = (slots < count) & _sampled(block, salt, sample)
+        offs = block[:, None] * SAMPLE_BLOCK + tl.arange(0, SAMPLE_BLOCK)[None, :]
+        valid = tl.reshape(used[:, None] & (offs < numel), [BLOCK])
+        g = tl.load(ptr + tl.reshape(offs, [BLOCK]), mask=valid, other=0.0)
+        key = _keys(g, KEY_FLOAT)
+        inside = valid & (key >= lo) & (key <= last)
+        counts = tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
+        out = hist + scope * (BINS + 2)
+        tl.atomic_add(out + tl.arange(0, BINS), counts.to(tl.int64), mask=counts > 0, sem="relaxed")
+        above = tl.sum((valid & (key > last)).to(tl.int32), axis=0)
+        nonfinite = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), axis=0)
+        if above > 0:
+            tl.atomic_add(out + BINS, above.to(tl.int64), sem="relaxed")
+        if nonfinite > 0:
+            tl.atomic_add(out + BINS + 1, nonfinite.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
 def radix_histogram_kernel(
     table,  # int64 [n, 5]: data_ptr, scope row, index in the call, numel, first chunk
     chunk_owner,  # int32 [chunks]
@@ -111,6 +159,9 @@ def radix_histogram_kernel(
     hist,  # int64 [S, BINS + 2]
     num_chunks,  # chunks of the launch (the grid may be smaller: programs loop)
     num_scopes,  # S
+    items,  # int64 [num_items, 3]: table row, first index into picked, count (tables.sample_list)
+    picked,  # int32: block indices of the sampled blocks
+    num_items,  # 0: no list, sampled chunks are read through _picked_tile
     GRAD: tl.constexpr,  # element type of every gradient of this launch
     KEY_FLOAT: tl.constexpr,  # float type of the key format
     INF_KEY: tl.constexpr,  # the format's smallest non-finite key
@@ -121,21 +172,37 @@ def radix_histogram_kernel(
     STATE_COLUMNS: tl.constexpr,
     SAMPLE_BLOCK: tl.constexpr,
 ):
-    # A dead pass (every scope DONE) ends here, after one read of the DONE flags.
-    active = 0
+    # A dead pass (every scope DONE) ends here, after one read of the DONE and SAMPLE flags; a
+    # sampled pass with a sample list does not visit the chunks, a full pass not the list.
+    full_active = 0
+    sampled_active = 0
     for first_row in range(0, num_scopes, 1024):
         rows = first_row + tl.arange(0, 1024)
-        done = tl.load(state + rows.to(tl.int64) * STATE_COLUMNS + 4, mask=rows < num_scopes, other=1)
-        active += tl.sum((done == 0).to(tl.int32), axis=0)
-    if active == 0:
+        flags = state + rows.to(tl.int64) * STATE_COLUMNS
+        live = tl.load(flags + 4, mask=rows < num_scopes, other=1) == 0
+        sampling = tl.load(flags + 3, mask=rows < num_scopes, other=0) != 0
+        full_active += tl.sum((live & ~sampling).to(tl.int32), axis=0)
+        sampled_active += tl.sum((live & sampling).to(tl.int32), axis=0)
+    if (full_active == 0) & (sampled_active == 0):
         return
+    listed = num_items > 0
     lanes = tl.arange(0, BLOCK)
-    for chunk in tl.range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+    if sampled_active > 0:
+        for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
+            _count_item(item, items, picked, table, state, hist, GRAD, KEY_FLOAT, INF_KEY, BINS, BLOCK,
+                        STATE_COLUMNS, SAMPLE_BLOCK)
+    chunks = num_chunks
+    if (full_active == 0) & listed:
+        chunks = 0
+    for chunk in tl.range(tl.program_id(0), chunks, tl.num_programs(0)):
         t = tl.load(chunk_owner + chunk).to(tl.int64)
         row = table + t * 5
         scope = tl.load(row + 1)
         scope_state = state + scope * STATE_COLUMNS  # columns (radix.py): LO, LAST, SHIFT, SAMPLE, DONE, ...
-        if tl.load(scope_state + 4) == 0:  # DONE scopes need no more passes
+        skip = tl.load(scope_state + 4) != 0  # DONE scopes need no more passes
+        if listed:
+            skip = skip | (tl.load(scope_state + 3) != 0)  # the list serves sampled scopes
+        if ~skip:
             salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)  # the tensor's index
             numel = tl.load(row + 3)
             start = (chunk - tl.load(row + 4)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
@@ -156,8 +223,8 @@ def radix_histogram_kernel(
             full = remaining >= BLOCK * ITERS
             if sample != 0:  # tiles of picked blocks
                 blocks = tl.arange(0, (BLOCK * ITERS) // SAMPLE_BLOCK)
-                picked = (blocks * SAMPLE_BLOCK < remaining) & _sampled(start // SAMPLE_BLOCK + blocks, salt, sample)
-                tiles = tl.cdiv(tl.sum(picked.to(tl.int32), axis=0), BLOCK // SAMPLE_BLOCK)
+                picks = (blocks * SAMPLE_BLOCK < remaining) & _sampled(start // SAMPLE_BLOCK + blocks, salt, sample)
+                tiles = tl.cdiv(tl.sum(picks.to(tl.int32), axis=0), BLOCK // SAMPLE_BLOCK)
             elif full:
                 tiles = tl.full([], ITERS, tl.int32)
             else:
@@ -208,8 +275,18 @@ def _plan(grads, scope_of, device) -> tuple:
         rows, numels = launches[(grad.dtype, is_aligned(flat))]
         rows.append((flat.data_ptr(), int(scope), index))
         numels.append(flat.numel())
-    plan = [(dtype, aligned, launch_table(rows, numels, CHUNK, device), keep_alive)
-            for (dtype, aligned), (rows, numels) in launches.items()]
+    # Sample lists at the rate of each scope's entries in this call (at least 1/2): the scope's own
+    # rate on the device is the same, or higher for a shard of a larger scope (a subset of these).
+    scope_numel = defaultdict(int)
+    for (rows, numels) in launches.values():
+        for (_, scope, _), n in zip(rows, numels):
+            scope_numel[scope] += n
+    plan = []
+    for (dtype, aligned), (rows, numels) in launches.items():
+        log2s = [max(1, radix.sample_log2(scope_numel[scope])) for _, scope, _ in rows]
+        samples = sample_list(numels, [index for _, _, index in rows], log2s, radix.SAMPLE_BLOCK,
+                              BLOCK // radix.SAMPLE_BLOCK, device)
+        plan.append((dtype, aligned, launch_table(rows, numels, CHUNK, device), samples, keep_alive))
     return plan, not keep_alive  # a copy is made afresh for every call
 
 
@@ -224,9 +301,10 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> 
             raise ValueError("radix_histogram: state and hist must be contiguous int64 tensors.")
     grads = list(grads)
     plan = cached_plan(grads, (hist.device, tuple(scope_of)), lambda: _plan(grads, scope_of, hist.device))
-    for dtype, aligned, lt, keep_alive in plan:
-        radix_histogram_kernel[(min(lt.num_chunks, _programs(hist.device)),)](
-            lt.table, lt.chunk_owner, state, hist, lt.num_chunks, state.shape[0],
+    for dtype, aligned, lt, samples, keep_alive in plan:
+        radix_histogram_kernel[(min(max(lt.num_chunks, samples.num_items), _programs(hist.device)),)](
+            lt.table, lt.chunk_owner, state, hist, lt.num_chunks, state.shape[0], samples.items, samples.blocks,
+            samples.num_items,
             GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=TORCH_TO_TRITON[key_format.float_dtype],
             INF_KEY=key_format.inf_key, ALIGNED=aligned, BINS=BINS, BLOCK=BLOCK, ITERS=ITERS,
             STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK, num_warps=NUM_WARPS,

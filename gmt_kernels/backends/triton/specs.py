@@ -47,7 +47,8 @@ HISTOGRAM_PAIRS = [
 
 def _histogram_specs():
     signature = (("table", "*i64"), ("chunk_owner", "*i32"), ("state", "*i64"), ("hist", "*i64"),
-                 ("num_chunks", "i32"), ("num_scopes", "i32"))
+                 ("num_chunks", "i32"), ("num_scopes", "i32"), ("items", "*i64"), ("picked", "*i32"),
+                 ("num_items", "i32"))
     for grad, key in HISTOGRAM_PAIRS:
         for aligned in (True, False):
             constexprs = (("GRAD", grad), ("KEY_FLOAT", key), ("INF_KEY", KEY_FORMATS[_TORCH[key]].inf_key),
