@@ -18,7 +18,6 @@ the shared names belongs to the C++ kernels.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -34,13 +33,18 @@ from .select import launch_select
 SERVED_DTYPES = tuple(TORCH_TO_TRITON)
 
 
-@functools.lru_cache(maxsize=None)
-def interpreter_active() -> bool:
-    """True if the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import;
-    fixed from then on, and asked per tensor per step: cached)."""
+def _built_for_interpreter() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(radix_histogram_kernel, InterpretedFunction)
+
+
+_INTERPRETED = _built_for_interpreter()  # fixed at import; asked per tensor per step
+
+
+def interpreter_active() -> bool:
+    """True if the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETED
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
