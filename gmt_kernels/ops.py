@@ -6,12 +6,13 @@ triton; the kernels register themselves for these names per device:
     gmt_kernels::radix_histogram, gmt_kernels::masked_adamw
         CPU:  the C++ kernels (csrc/ops.cpp, loaded by backends/cpu.py)
         CUDA: the Triton kernels (backends/triton/__init__.py)
-    gmt_kernels::triton_radix_histogram, gmt_kernels::triton_masked_adamw
+    gmt_kernels::triton_radix_histogram, gmt_kernels::triton_masked_adamw, gmt_kernels::triton_radix_select
         the Triton kernels on whatever device they get: CUDA, or CPU tensors under the Triton
         interpreter (which the dispatcher cannot route through the CPU key the C++ kernels own).
     gmt_kernels::radix_select
         the shared state machine of the pass loop (radix.select_bins) on any device; on CPU
-        state, the C++ copy of it (csrc/radix_select.cpp) when the extension is built.
+        state, the C++ copy of it (csrc/radix_select.cpp) when the extension is built; on CUDA,
+        once the Triton backend is loaded, its one-launch kernel (backends/triton/select.py).
 
 Arguments are Backend.radix_histogram / Backend.masked_adamw of backends/__init__.py, with the
 key format as its name and lr split in two: a float, or a 0-d tensor passed as lr_tensor (then lr is
@@ -40,7 +41,8 @@ MASKED_ADAMW_SCHEMA = (
 # FRAGMENT, not DEF: the C++ extension adds kernels to this namespace (TORCH_LIBRARY_IMPL).
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
 
-OP_NAMES = ("radix_histogram", "masked_adamw", "triton_radix_histogram", "triton_masked_adamw", "radix_select")
+OP_NAMES = ("radix_histogram", "masked_adamw", "triton_radix_histogram", "triton_masked_adamw", "radix_select",
+            "triton_radix_select")
 _SCHEMAS = {"radix_histogram": RADIX_HISTOGRAM_SCHEMA, "masked_adamw": MASKED_ADAMW_SCHEMA, "radix_select": RADIX_SELECT_SCHEMA}
 
 for _name in OP_NAMES:
@@ -52,7 +54,8 @@ for _name in OP_NAMES:
         return None
 
 
-# Every device; the C++ extension registers a faster kernel for the CPU key.
+# Every device; the C++ extension registers a faster kernel for the CPU key, the Triton backend one
+# for the CUDA key.
 _library.impl("radix_select", select_bins, "CompositeExplicitAutograd")
 
 

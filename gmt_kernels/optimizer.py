@@ -288,7 +288,7 @@ class GMTAdamW(torch.optim.Optimizer):
 
         skip = None
         if self.nonfinite != "propagate" and selections:
-            nonfinite = torch.stack([sel.nonfinite.sum() for sel in selections.values()]).sum()
+            nonfinite = functools.reduce(torch.add, [sel.nonfinite.sum() for sel in selections.values()])
             if self.nonfinite == "raise":
                 # GradScaler's overflow steps are skipped, not errors: found_inf is read first.
                 overflow = found_inf is not None and bool(found_inf.item() != 0)
@@ -469,7 +469,7 @@ class GMTAdamW(torch.optim.Optimizer):
         masked = group["mask_ratio"] > 0
         if masked:
             fmt = rows[0][0]  # every tensor of a batch shares its scopes' key format
-            index = torch.tensor([rows[i][1] for i in range(n)], dtype=torch.int64).to(self._primary, non_blocking=True)
+            index = _device_index(tuple(rows[i][1] for i in range(n)), self._primary)
             thresholds = selections[fmt].thresholds.index_select(0, index).to(device, non_blocking=True)
         else:  # threshold 0 keeps every entry
             thresholds = torch.zeros(n, dtype=fmt.threshold_dtype, device=device)
@@ -593,6 +593,22 @@ def _use_local_shards(batches: list[_Batch]) -> None:
     for batch in batches:
         batch.params = [_local(p) for p in batch.params]
         batch.states = [{key: _local(value) for key, value in state.items()} for state in batch.states]
+
+
+_INDEX_CACHE_SIZE = 64
+_index_cache: dict = {}
+
+
+def _device_index(rows: tuple, device: torch.device) -> Tensor:
+    """The int64 tensor `rows` on `device`, copied from the host once per distinct value (a
+    steady-state step then takes no host data: CUDA-graph capturable). Never written in place."""
+    key = (device, rows)
+    index = _index_cache.get(key)
+    if index is None:
+        if len(_index_cache) >= _INDEX_CACHE_SIZE:
+            _index_cache.pop(next(iter(_index_cache)))
+        index = _index_cache[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+    return index
 
 
 class _PerDevice:

@@ -6,10 +6,16 @@ advances every scope's state with the radix_select op (radix.select_bins). Launc
 therefore depend on the number of passes, devices and key formats, never on the number of
 parameters. The number of passes is fixed in advance (radix.max_passes), since ending early would
 need the device to tell the host; a pass over scopes that are all DONE reads no gradient.
+
+Nothing in a steady-state step comes from host data: the initial state is built once per set of
+scope sizes and kept on the device (a step copies it device to device), so a step can be captured
+in a CUDA graph. On a GPU a pass is two launches (histogram, select) when every pass gets its own
+zeroed histogram rows, one allocation per step (small scope counts), else three (a zero_ per pass).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -44,10 +50,9 @@ def select_thresholds(
     primary: torch.device,
     process_group=None,
 ) -> Selection:
-    host_state = radix.initial_state([s.k for s in scopes], [s.numel for s in scopes], [s.slack for s in scopes], key_format)
-    state = host_state.to(primary, non_blocking=True)
-    # Scopes whose first pass is a sample find their non-finite count in the second pass.
-    sampled_first = (host_state[:, radix.SAMPLE] > 0).to(primary, non_blocking=True)
+    initial, sampled_first = _initial_state(scopes, key_format, primary)
+    any_sampled = any(radix.sample_log2(s.numel) > 0 and s.k > 0 for s in scopes)  # as radix.initial_state
+    state = initial.clone()  # the one copy a step makes of it, device to device
 
     # Work lists per (device, backend): the gradients and the state row of each one's scope.
     work: dict[tuple[torch.device, str], tuple[Backend, list, list]] = {}
@@ -59,10 +64,20 @@ def select_thresholds(
             entry[2].append(row)
     local_state = {dev: state if dev == primary else state.to(dev) for dev, _ in work}
 
+    passes = radix.max_passes(key_format, [s.numel for s in scopes], [s.k for s in scopes])
+    # One zeroed histogram per pass in a single allocation (and no copy of pass 0's non-finite
+    # counts), unless that would take more than _HIST_ROWS_AT_ONCE rows of 32 KiB.
+    at_once = passes * len(scopes) <= _HIST_ROWS_AT_ONCE
+    if at_once:
+        hists = torch.zeros(passes, len(scopes), radix.HIST_COLUMNS, dtype=torch.int64, device=primary)
+    else:
+        hist = torch.empty(len(scopes), radix.HIST_COLUMNS, dtype=torch.int64, device=primary)
     nonfinite = None
-    hist = torch.empty(len(scopes), radix.HIST_COLUMNS, dtype=torch.int64, device=primary)
-    for pass_index in range(radix.max_passes(key_format, [s.numel for s in scopes], [s.k for s in scopes])):
-        hist.zero_()
+    for pass_index in range(passes):
+        if at_once:
+            hist = hists[pass_index]
+        else:
+            hist.zero_()
         for (device, _), (backend, grads, rows) in work.items():
             part = hist if device == primary else torch.zeros_like(hist, device=device)
             backend.radix_histogram(grads, rows, local_state[device], part, key_format=key_format)
@@ -70,9 +85,10 @@ def select_thresholds(
                 hist += part.to(primary)
         if process_group is not None:
             torch.distributed.all_reduce(hist, group=process_group)
+        # Scopes whose first pass is a sample find their non-finite count in the second pass.
         if pass_index == 0:
-            nonfinite = hist[:, radix.NONFINITE].clone()
-        elif pass_index == 1:
+            nonfinite = hist[:, radix.NONFINITE] if at_once else hist[:, radix.NONFINITE].clone()
+        elif pass_index == 1 and any_sampled:
             nonfinite = torch.where(sampled_first, hist[:, radix.NONFINITE], nonfinite)
         torch.ops.gmt_kernels.radix_select(hist, state, key_format.key_bits)
         for device, copy in local_state.items():
@@ -80,6 +96,33 @@ def select_thresholds(
                 copy.copy_(state, non_blocking=True)
 
     found = radix.keys_to_threshold(radix.result_keys(state), key_format)
-    inf = torch.full_like(found, float("inf"))
-    thresholds = torch.where(state[:, radix.K] == 0, inf, found)
+    if any(s.k == 0 for s in scopes):  # k = 0: nothing kept, threshold +inf
+        thresholds = found.masked_fill(state[:, radix.K] == 0, float("inf"))
+    elif key_format.int_dtype == torch.int64:
+        thresholds = found.clone()  # int64 keys read as float64 are a view of the state
+    else:
+        thresholds = found
     return Selection(thresholds, nonfinite, key_format)
+
+
+_HIST_ROWS_AT_ONCE = 64  # 2 MiB
+_INITIAL_CACHE_SIZE = 64
+_initial_cache: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+
+
+def _initial_state(scopes: Sequence[Scope], key_format: radix.KeyFormat, primary: torch.device):
+    """(radix.initial_state, whether each scope's first pass is a sample) on the primary device,
+    built on the host and copied once per set of scope sizes; later steps reuse the device copy.
+    The cached tensors are never written (a step clones the state)."""
+    key = (primary, key_format.name, tuple((s.k, s.numel, s.slack) for s in scopes))
+    hit = _initial_cache.get(key)
+    if hit is not None:
+        _initial_cache.move_to_end(key)
+        return hit
+    host_state = radix.initial_state([s.k for s in scopes], [s.numel for s in scopes], [s.slack for s in scopes], key_format)
+    hit = (host_state.to(primary), (host_state[:, radix.SAMPLE] > 0).to(primary))
+    _initial_cache[key] = hit
+    if len(_initial_cache) > _INITIAL_CACHE_SIZE:
+        _initial_cache.popitem(last=False)
+    return hit
+

@@ -161,7 +161,7 @@ def test_schemas_declare_what_the_kernels_mutate(name):
     mutated = {arg.name for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write}
     if name.endswith("radix_histogram"):
         assert mutated == {"hist"}
-    elif name == "radix_select":
+    elif name.endswith("radix_select"):
         assert mutated == {"state"}
     else:
         assert mutated == {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "kept"}
@@ -179,7 +179,7 @@ def test_one_op_name_serves_cpu_through_the_cpp_kernels():
     assert "backends/triton" in cuda_line
     select = torch._C._dispatch_dump_table("gmt_kernels::radix_select").splitlines()
     assert "ops.cpp" in next(line for line in select if line.startswith("CPU:"))
-    assert "gmt_kernels/ops.py" in next(line for line in select if line.startswith("CUDA:"))  # radix.select_bins
+    assert "backends/triton" in next(line for line in select if line.startswith("CUDA:"))  # one Triton launch
 
 
 def opcheck_inputs(name):
@@ -189,7 +189,7 @@ def opcheck_inputs(name):
     state = radix.initial_state([3, 3], [21, 5], [0, 0], fmt)
     if name.endswith("radix_histogram"):
         return (grads, [0, 1], state, torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64), "f32"), {}
-    if name == "radix_select":
+    if name.endswith("radix_select"):
         hist = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
         torch.ops.gmt_kernels.radix_histogram(grads, [0, 1], state, hist, "f32")
         return (hist, state, fmt.key_bits), {}

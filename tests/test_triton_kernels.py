@@ -165,7 +165,7 @@ def test_one_histogram_launch_for_many_tensors(monkeypatch):
     hist = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
     scope_of = [i % 2 for i in range(60)]
     tb.radix_histogram(grads, scope_of, state, hist, key_format=fmt)
-    assert len(launches) == 1 and launches[0] == (60,)
+    assert len(launches) == 1 and launches[0] == (8,)  # a persistent grid: 8 programs walk the 60 chunks
     expected = torch.zeros_like(hist)
     reference.radix_histogram(grads, scope_of, state, expected, key_format=fmt)
     assert torch.equal(hist, expected)
@@ -208,7 +208,9 @@ def test_histogram_offsets_beyond_2_31():
     state[0, radix.SAMPLE] = 2  # the picked blocks' indices are past 2**21 too
     hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
     triton_histogram.radix_histogram_kernel[(1,)](
-        table, torch.zeros(1, dtype=torch.int32), state, hist, GRAD=triton_histogram.tl.float32,
+        table, torch.zeros(1, dtype=torch.int32), state, hist, 1, 1,
+        torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, dtype=torch.int32), 0,  # no sample list: tiles
+        GRAD=triton_histogram.tl.float32,
         KEY_FLOAT=triton_histogram.tl.float32, INF_KEY=fmt.inf_key, ALIGNED=False, BINS=radix.BINS,
         BLOCK=triton_histogram.BLOCK, ITERS=triton_histogram.ITERS, STATE_COLUMNS=radix.STATE_COLUMNS,
         SAMPLE_BLOCK=radix.SAMPLE_BLOCK)
@@ -363,8 +365,9 @@ def test_masked_adamw_offsets_beyond_2_31():
     tl = triton_adamw.tl
     triton_adamw.masked_adamw_kernel[(1,)](
         table, torch.zeros(1, dtype=torch.int32), thresholds, kept, dummy, dummy, dummy.view(torch.uint8),
-        0.01, 0.1, 0.9, 0.999, math.log(0.9), math.log(0.999), 1e-8, 0, 0, 0, 0, 0,
-        PARAM=tl.float32, COMPUTE=tl.float32, AMSGRAD=False, ALIGNED=False, BLOCK=block, ITERS=iters)
+        0.01, 0.1, 0.9, 0.999, math.log(0.9), math.log(0.999), 1e-8, 0, 0, 0,
+        PARAM=tl.float32, COMPUTE=tl.float32, AMSGRAD=False, ALIGNED=False, BLOCK=block, ITERS=iters,
+        FREEZE=False, HAS_GRAD_SCALE=False)
     ref_kept = torch.zeros(1, dtype=torch.int64)
     reference.masked_adamw([expected[0]], [expected[1]], [expected[2]], [expected[3]], [], [step], thresholds,
                            ref_kept, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False,
@@ -405,3 +408,25 @@ def test_gmt_adamw_trains_a_small_model_like_the_reference():
         assert math.isclose(stats_t[name]["threshold"], stats_r[name]["threshold"], rel_tol=1e-5)
     for p, q in zip(m_t.parameters(), m_r.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_pass_with_many_picks_per_chunk():
+    """SAMPLE = 1 picks about half of a chunk's 256 blocks: two or three tiles of 64 picked blocks
+    per chunk, a tail chunk, and a DONE scope next to it; equal to the reference's histogram."""
+    fmt = radix.KEY_FORMATS[torch.float32]
+    grads = [torch.randn(2 * HIST_CHUNK + 1000), torch.randn(HIST_CHUNK)]
+    state = radix.initial_state([10, 10], [grads[0].numel(), HIST_CHUNK], [0, 0], fmt)
+    state[0, radix.SAMPLE] = 1
+    state[1, radix.DONE] = 1
+    ours, theirs = (torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64) for _ in range(2))
+    tb.radix_histogram(grads, [0, 1], state, ours, key_format=fmt)
+    reference.radix_histogram(grads, [0, 1], state, theirs, key_format=fmt)
+    assert torch.equal(ours, theirs)
+    assert 0.4 < ours[0, : radix.BINS].sum() / grads[0].numel() < 0.6 and ours[1].sum() == 0
+    # A scope sampling at a higher rate than its entries in this call suggest (a shard of a larger
+    # scope): the list holds 1/2 of the blocks, the kernel counts the 1/8 the scope picks.
+    state[0, radix.SAMPLE] = 3
+    ours.zero_(), theirs.zero_()
+    tb.radix_histogram(grads, [0, 1], state, ours, key_format=fmt)
+    reference.radix_histogram(grads, [0, 1], state, theirs, key_format=fmt)
+    assert torch.equal(ours, theirs) and 0.05 < ours[0, : radix.BINS].sum() / grads[0].numel() < 0.2

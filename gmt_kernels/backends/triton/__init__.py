@@ -6,8 +6,9 @@ Serves float16, bfloat16, float32 and float64 tensors:
   imported), which is how the test suite runs these kernels without a GPU.
 
 Each call launches one kernel per (dtype, 16-byte alignment) of the tensors it gets, never one per
-tensor (see tables.py). Kernels: histogram.py, adamw.py; their compiled specialisations and
-register use: `python -m gmt_kernels.aot`.
+tensor (see tables.py). Kernels: histogram.py, adamw.py, select.py (the pass loop's state machine,
+radix.select_bins, in one launch per pass: the CUDA kernel of gmt_kernels::radix_select); their
+compiled specialisations and register use: `python -m gmt_kernels.aot`.
 
 The kernels are reached through the operators of gmt_kernels/ops.py (so torch.compile sees one
 opaque op per call): on CUDA tensors the shared gmt_kernels::radix_histogram / masked_adamw, whose
@@ -38,15 +39,23 @@ from .. import Backend, register  # noqa: E402
 from .. import reference  # noqa: E402
 from .adamw import launch_masked_adamw  # noqa: E402
 from .histogram import TORCH_TO_TRITON, launch_histogram, radix_histogram_kernel  # noqa: E402
+from .select import launch_select  # noqa: E402
 
 SERVED_DTYPES = tuple(TORCH_TO_TRITON)
 
 
-def interpreter_active() -> bool:
-    """True if the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+def _built_for_interpreter() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(radix_histogram_kernel, InterpretedFunction)
+
+
+_INTERPRETED = _built_for_interpreter()  # fixed at import; asked per tensor per step
+
+
+def interpreter_active() -> bool:
+    """True if the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETED
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -133,7 +142,8 @@ def _launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
 
 
 _library = torch.library.Library(ops.NAMESPACE, "IMPL")
-for _name, _kernel in (("radix_histogram", _histogram_kernel), ("masked_adamw", _masked_adamw_kernel)):
+for _name, _kernel in (("radix_histogram", _histogram_kernel), ("masked_adamw", _masked_adamw_kernel),
+                       ("radix_select", launch_select)):
     _library.impl(_name, _kernel, "CUDA")  # the CPU key is the C++ backend's
     _library.impl(f"triton_{_name}", _kernel, "CPU")  # CPU tensors: the Triton interpreter
     _library.impl(f"triton_{_name}", _kernel, "CUDA")

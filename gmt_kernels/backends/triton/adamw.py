@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .histogram import TORCH_TO_TRITON, widen
 from .. import memory_order_view
-from .tables import is_aligned, launch_table
+from .tables import cached_plan, is_aligned, launch_table
 
 # 4 warps x 16 bytes of each tensor per thread per iteration (one 128-bit access: 4 fp32 or 8
 # 16-bit entries; fp64 takes two), 8 iterations per program: 8-16 KiB of each of g/p/m/v per
@@ -54,9 +54,10 @@ def _sqrt(x):
 
 
 @triton.jit
-def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_scale, sign, freeze,
+def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_scale, sign,
             decay, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bias_correction2_sqrt,
-            COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr):
+            COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr, FREEZE: tl.constexpr,
+            HAS_GRAD_SCALE: tl.constexpr):
     """One block: SEMANTICS.md section 3, op for op as torch's single-tensor AdamW (IEEE division and
     square root, lerp's two-sided formula), so results match it to fp32 rounding."""
     if MASKED:
@@ -73,10 +74,12 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_s
     # != on bf16, which it keeps as raw integers). A NaN counts as the largest score: kept.
     score = widen(g, threshold.dtype)
     keep = (tl.abs(score) >= threshold) | (score != score)
-    # The flag as a block, not a scalar: the interpreter turns scalar-bool | block-bool into integers.
-    frozen = (offs * 0 + freeze) != 0
-    gc = _div(widen(g, COMPUTE), grad_scale) * sign  # grad_scale is 1 without AMP
-    gc = tl.where(keep | frozen, gc, 0.0)  # mode "grad": masked entries see a zero gradient
+    if HAS_GRAD_SCALE:
+        gc = _div(widen(g, COMPUTE), grad_scale) * sign
+    else:  # no AMP: no division at all
+        gc = widen(g, COMPUTE) * sign
+    if not FREEZE:
+        gc = tl.where(keep, gc, 0.0)  # mode "grad": masked entries see a zero gradient
     m_old = widen(m, COMPUTE)
     v_old = widen(v, COMPUTE)
     p_new = widen(p, COMPUTE) * decay
@@ -96,18 +99,34 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_s
     denom = _div(_sqrt(second), bias_correction2_sqrt) + eps
     p_new = p_new + _div(m_new * neg_step_size, denom)
 
-    # "freeze": masked entries keep p, m, v (and max_v) exactly; "grad": everything moves.
-    take = keep | (frozen == 0)
     out = p.dtype
-    if MASKED:
-        store = valid & take
-    else:
-        store = take
-    tl.store(p_ptr + offs, p_new.to(out), mask=store)
-    tl.store(m_ptr + offs, m_new.to(out), mask=store)
-    tl.store(v_ptr + offs, v_new.to(out), mask=store)
+    p_out = p_new.to(out)
+    m_out = m_new.to(out)
+    v_out = v_new.to(out)
     if AMSGRAD:
-        tl.store(vmax_ptr + offs, vmax_new.to(out), mask=store)
+        vmax_out = vmax_new.to(out)
+    if FREEZE:
+        # Masked entries keep p, m, v (and max_v) bit for bit: the loaded values are written back.
+        # A store mask that depends on the data would split every 128-bit store into scalar ones;
+        # the blend keeps them whole, and DRAM writes whole 32-byte sectors anyway (a sector of
+        # 8 fp32 entries escapes a write only if all 8 are masked: 0.3**8 at mask_ratio 0.3).
+        p_out = tl.where(keep, p_out, p)
+        m_out = tl.where(keep, m_out, m)
+        v_out = tl.where(keep, v_out, v)
+        if AMSGRAD:
+            vmax_out = tl.where(keep, vmax_out, vmax)
+    if MASKED:  # a tensor's last chunk: per-lane masks, scalar accesses
+        tl.store(p_ptr + offs, p_out, mask=valid)
+        tl.store(m_ptr + offs, m_out, mask=valid)
+        tl.store(v_ptr + offs, v_out, mask=valid)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, vmax_out, mask=valid)
+    else:  # a full chunk: no mask at all, so the stores are 128 bits wide like the loads
+        tl.store(p_ptr + offs, p_out)
+        tl.store(m_ptr + offs, m_out)
+        tl.store(v_ptr + offs, v_out)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, vmax_out)
     if MASKED:
         keep = keep & valid
     return tl.sum(keep.to(tl.int32), axis=0)
@@ -120,7 +139,7 @@ def masked_adamw_kernel(
     thresholds,  # [n] float32 or float64
     kept,  # int64 [n]
     lr_tensor,  # 0-d float tensor, read when lr_from_tensor (else any valid pointer)
-    grad_scale_ptr,  # 0-d float tensor, read when has_grad_scale
+    grad_scale_ptr,  # 0-d float tensor, read when HAS_GRAD_SCALE
     skip_ptr,  # 0-d uint8 (a bool viewed as bytes), read when has_skip
     lr: tl.float64,
     weight_decay: tl.float64,
@@ -130,16 +149,16 @@ def masked_adamw_kernel(
     log_beta2: tl.float64,
     eps: tl.float64,
     lr_from_tensor,
-    has_grad_scale,
     has_skip,
     maximize,
-    freeze,
     PARAM: tl.constexpr,
     COMPUTE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     ALIGNED: tl.constexpr,  # every pointer of the launch is 16-byte aligned: allow 128-bit accesses
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
+    FREEZE: tl.constexpr,  # mask_mode "freeze" (else "grad"): compile-time, so "grad" stores unmasked
+    HAS_GRAD_SCALE: tl.constexpr,  # g is divided by *grad_scale_ptr (AMP); else no division at all
 ):
     skipped = 0
     if has_skip:
@@ -192,7 +211,7 @@ def masked_adamw_kernel(
     neg_step_size = (-(lr64 / bias_correction1)).to(COMPUTE)
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(COMPUTE)
     grad_scale = tl.full([], 1.0, COMPUTE)
-    if has_grad_scale:
+    if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
     sign = tl.full([], 1.0, COMPUTE)
     if maximize:
@@ -209,20 +228,51 @@ def masked_adamw_kernel(
         # A full chunk: no masks, so loads and stores vectorise to 128 bits.
         for i in range(ITERS):
             count += _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, i * BLOCK + lanes, lanes >= 0, threshold,
-                             grad_scale, sign, freeze, decay, omb1, b2, omb2, eps_c, neg_step_size,
-                             bias_correction2_sqrt, COMPUTE, AMSGRAD, False)
+                             grad_scale, sign, decay, omb1, b2, omb2, eps_c, neg_step_size,
+                             bias_correction2_sqrt, COMPUTE, AMSGRAD, False, FREEZE, HAS_GRAD_SCALE)
     else:
         remaining = numel - start
         for i in range(tl.cdiv(remaining, BLOCK).to(tl.int32)):
             offs = i * BLOCK + lanes
             count += _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < remaining, threshold,
-                             grad_scale, sign, freeze, decay, omb1, b2, omb2, eps_c, neg_step_size,
-                             bias_correction2_sqrt, COMPUTE, AMSGRAD, True)
+                             grad_scale, sign, decay, omb1, b2, omb2, eps_c, neg_step_size,
+                             bias_correction2_sqrt, COMPUTE, AMSGRAD, True, FREEZE, HAS_GRAD_SCALE)
     tl.atomic_add(kept + t, count.to(tl.int64), sem="relaxed")
 
 
 def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf  # 0**step = 0 for every step >= 1
+
+
+def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad) -> tuple:
+    """(tensors to update by reference, [(aligned, LaunchTable)]): one launch per alignment."""
+    device, dtype = params[0].device, params[0].dtype
+    launches = defaultdict(lambda: ([], []))
+    by_reference = []
+    for i, p in enumerate(params):
+        if p.dtype != dtype or p.device != device:
+            raise ValueError(
+                f"masked_adamw takes one dtype on one device per call; got {p.dtype} on {p.device} after "
+                f"{dtype} on {device}. Call it once per (device, dtype)."
+            )
+        tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
+        if p.numel() == 0:
+            continue
+        flats = [memory_order_view(x) for x in tensors]
+        if any(f is None for f in flats) or any(x.stride() != p.stride() or x.dtype != dtype for x in tensors):
+            by_reference.append(i)
+            continue
+        ptrs = [f.data_ptr() for f in flats] + ([] if amsgrad else [0])
+        rows, numels = launches[is_aligned(*flats)]
+        rows.append((*ptrs, steps[i].data_ptr(), i))  # i: the threshold / kept slot
+        numels.append(p.numel())
+    if launches:
+        for step in steps:
+            if step.dtype != torch.float32 or step.device != device:
+                raise ValueError("masked_adamw: every step must be a 0-d float32 tensor on the parameters' device.")
+    tables = [(aligned, launch_table(rows, numels, block_for(dtype) * ITERS, device))
+              for aligned, (rows, numels) in launches.items()]
+    return by_reference, tables
 
 
 def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
@@ -235,45 +285,29 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     if thresholds.dtype not in (torch.float32, torch.float64) or kept.dtype != torch.int64:
         raise ValueError("masked_adamw: thresholds must be float32/float64 and kept int64 tensors.")
-    launches = defaultdict(lambda: ([], []))
-    for i, p in enumerate(params):
-        if p.dtype != dtype or p.device != device:
-            raise ValueError(
-                f"masked_adamw takes one dtype on one device per call; got {p.dtype} on {p.device} after "
-                f"{dtype} on {device}. Call it once per (device, dtype)."
-            )
-        tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
-        if p.numel() == 0:
-            continue
-        flats = [memory_order_view(x) for x in tensors]
-        if any(f is None for f in flats) or any(x.stride() != p.stride() or x.dtype != dtype for x in tensors):
-            fallback(i)  # e.g. a gradient laid out unlike its parameter: rare, handled tensor by tensor
-            continue
-        ptrs = [f.data_ptr() for f in flats] + ([] if amsgrad else [0])
-        rows, numels = launches[is_aligned(*flats)]
-        rows.append((*ptrs, steps[i].data_ptr(), i))  # i: the threshold / kept slot
-        numels.append(p.numel())
-    if not launches:
+    tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs, *(max_exp_avg_sqs if amsgrad else []), *steps]
+    by_reference, tables = cached_plan(
+        tensors, (device, bool(amsgrad), len(params)),
+        lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad), True))
+    for i in by_reference:
+        fallback(i)  # e.g. a gradient laid out unlike its parameter: rare, handled tensor by tensor
+    if not tables:
         return
-    for step in steps:
-        if step.dtype != torch.float32 or step.device != device:
-            raise ValueError("masked_adamw: every step must be a 0-d float32 tensor on the parameters' device.")
     lr_is_tensor = isinstance(lr, torch.Tensor)
     unused = _placeholder(device)  # a valid pointer for arguments the kernel is told not to read
     lr_tensor = lr.to(device, non_blocking=True) if lr_is_tensor else unused
     scale = grad_scale if grad_scale is not None else unused
     skip_bytes = skip.view(torch.uint8) if skip is not None else unused.view(torch.uint8)
-    for aligned, (rows, numels) in launches.items():
-        block = block_for(dtype)
-        lt = launch_table(rows, numels, block * ITERS, device)
+    block = block_for(dtype)
+    for aligned, lt in tables:
         masked_adamw_kernel[(lt.num_chunks,)](
             lt.table, lt.chunk_owner, thresholds, kept, lr_tensor, scale, skip_bytes,
             0.0 if lr_is_tensor else float(lr), float(weight_decay), float(beta1), float(beta2),
             _log(float(beta1)), _log(float(beta2)), float(eps),
-            int(lr_is_tensor), int(grad_scale is not None), int(skip is not None), int(maximize),
-            int(mask_mode == "freeze"),
+            int(lr_is_tensor), int(skip is not None), int(maximize),
             PARAM=TORCH_TO_TRITON[dtype], COMPUTE=TORCH_TO_TRITON[compute], AMSGRAD=bool(amsgrad),
-            ALIGNED=aligned, BLOCK=block, ITERS=ITERS, num_warps=NUM_WARPS,
+            ALIGNED=aligned, BLOCK=block, ITERS=ITERS, FREEZE=mask_mode == "freeze",
+            HAS_GRAD_SCALE=grad_scale is not None, num_warps=NUM_WARPS,
         )
 
 

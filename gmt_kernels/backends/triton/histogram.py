@@ -1,12 +1,23 @@
 """The histogram pass (Backend.radix_histogram) as one Triton launch per gradient dtype.
 
-Each program takes one CHUNK of one tensor (see tables.py), turns |g| into its integer key in the
-scope's key format, histograms the keys inside the scope's interval [LO, LAST] by (key - LO) >>
-SHIFT in registers (tl.histogram) over CHUNK entries, counts the keys above LAST and the
-non-finite ones, and adds all of it to the global histogram with one vector atomic and two scalar
-ones. Programs of finished scopes (DONE) return before reading a byte; in a sampled pass only the
-lanes of picked blocks load, so a pass costs what it reads. Nothing is copied, nothing returns to
-the host.
+A persistent grid (a few programs per SM) walks the CHUNKs of the launch (see tables.py). Per
+chunk a program turns |g| into integer keys in the scope's key format, histograms the keys inside
+the scope's interval [LO, LAST] by (key - LO) >> SHIFT (tl.histogram, BLOCK = 4096 entries per
+call, so that the call's fixed shared-memory work, zeroing and reading back 4096 bins, is one
+load and one store per entry), counts the keys above LAST and the non-finite ones in per-lane
+registers (reduced once per chunk), and adds everything to the global histogram with one vector
+atomic and two scalar ones.
+
+- A pass over scopes that are all DONE (approx/exact selections end before radix.max_passes) is
+  read as such by every program from the state's DONE flags and ends there: no chunk is visited.
+- Chunks of a DONE scope are skipped after reading one flag.
+- A sampled pass (SAMPLE > 0) walks a sample list instead of the chunks (tables.sample_list: the
+  picked 64-entry blocks of every tensor, listed once per set of tensor sizes): one tl.histogram
+  call per 64 picked blocks, so the pass costs what the sample holds, in DRAM and shared memory.
+  Without a list (a direct launch), a sampled chunk compacts its picked blocks into 4096-entry
+  tiles (_picked_tile): one call per chunk with up to 64 picks.
+
+Nothing is copied, nothing returns to the host.
 """
 
 from __future__ import annotations
@@ -20,16 +31,19 @@ import triton.language as tl
 from ... import radix
 from ...radix import KeyFormat
 from .. import memory_order_view
-from .tables import is_aligned, launch_table
+from .tables import cached_plan, is_aligned, launch_table, sample_list
 
-# 4 warps x 8 entries per thread per iteration; 16 iterations per program. A program's private
-# histogram (radix.BINS bins) is flushed with one atomic per non-empty bin, so it must cover enough
-# entries to make that flush cheap (~0.1 atomic per entry at most) while leaving enough programs
-# to fill the GPU (a 1e8-entry model gives 6100 programs).
-BLOCK = 1024
-ITERS = 16
+# 16 warps x 8 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
+# back 4096 bins of shared memory, one word per entry), 4 calls per 16384-entry chunk. A chunk's
+# private histogram is flushed with one atomic per non-empty bin (at most 1/4 per entry). 16 warps
+# rather than 8 halve the registers per thread (~115 on sm_90 against ~190: the 4096 bins and the
+# per-lane counters are spread over twice as many threads); either way one program fills an SM's
+# register file, so the persistent grid has one program per SM.
+BLOCK = 4096
+ITERS = 4
 CHUNK = BLOCK * ITERS
-NUM_WARPS = 4
+NUM_WARPS = 16
+PROGRAMS_PER_SM = 1
 BINS = radix.BINS
 
 TORCH_TO_TRITON = {
@@ -65,18 +79,6 @@ def _keys(g, KEY_FLOAT: tl.constexpr):
 
 
 @triton.jit
-def _count(g, valid, lo, last, shift, KEY_FLOAT: tl.constexpr, INF_KEY: tl.constexpr, BINS: tl.constexpr):
-    """(bins, above, nonfinite) of one block of gradients under the scope's interval."""
-    key = _keys(g, KEY_FLOAT)
-    inside = valid & (key >= lo) & (key <= last)
-    digit = ((key - lo) >> shift).to(tl.int32)
-    counts = tl.histogram(digit, BINS, mask=inside)
-    above = tl.sum((valid & (key > last)).to(tl.int32), axis=0)
-    nonfinite = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), axis=0)
-    return counts, above, nonfinite
-
-
-@triton.jit
 def _sampled(block, salt, log2):
     """radix.sampled_blocks for blocks (int64), in 32-bit arithmetic that wraps as the hash's
     mod 2**32 does; salt: the tensor's term of the hash (uint32), log2: int32."""
@@ -85,11 +87,81 @@ def _sampled(block, salt, log2):
 
 
 @triton.jit
+def _picked_tile(start, remaining, salt, sample, group, SAMPLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """(offsets, valid) of one BLOCK-entry tile holding the `group`-th BLOCK // SAMPLE_BLOCK picked
+    blocks of the chunk at `start` (slot j: the (group * slots + j)-th picked block)."""
+    SLOTS: tl.constexpr = BLOCK // SAMPLE_BLOCK
+    NB: tl.constexpr = CHUNK // SAMPLE_BLOCK
+    blocks = tl.arange(0, NB)
+    picked = (blocks * SAMPLE_BLOCK < remaining) & _sampled(start // SAMPLE_BLOCK + blocks, salt, sample)
+    # The picked blocks first, in order (a sort of NB values: one per thread, no NB x SLOTS matrix).
+    order = tl.sort(tl.where(picked, blocks, blocks + NB))
+    tiles = tl.reshape(order, [NB // SLOTS, SLOTS])
+    block_of_slot = tl.sum(tl.where(tl.arange(0, NB // SLOTS)[:, None] == group, tiles, 0), axis=0)
+    used = block_of_slot < NB  # past the last pick: the unpicked blocks, sorted after NB
+    offs = block_of_slot[:, None] * SAMPLE_BLOCK + tl.arange(0, SAMPLE_BLOCK)[None, :]
+    valid = used[:, None] & (offs < remaining)
+    return tl.reshape(offs, [BLOCK]), tl.reshape(valid, [BLOCK])
+
+
+@triton.jit
+def _count_item(item, items, picked, table, state, hist, GRAD: tl.constexpr, KEY_FLOAT: tl.constexpr,
+                INF_KEY: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr, STATE_COLUMNS: tl.constexpr,
+                SAMPLE_BLOCK: tl.constexpr):
+    """One item of a sample list: up to BLOCK // SAMPLE_BLOCK picked blocks of one tensor, one
+    tl.histogram call. Blocks the scope's own rate does not pick are masked (the list may have
+    been built at a lower rate than the scope's, e.g. for a shard of a larger scope)."""
+    SLOTS: tl.constexpr = BLOCK // SAMPLE_BLOCK
+    t = tl.load(items + item * 3)
+    first = tl.load(items + item * 3 + 1)
+    count = tl.load(items + item * 3 + 2)
+    row = table + t * 5
+    scope = tl.load(row + 1)
+    scope_state = state + scope * STATE_COLUMNS
+    if (tl.load(scope_state + 4) == 0) & (tl.load(scope_state + 3) != 0):
+        sample = tl.load(scope_state + 3).to(tl.int32)
+        salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)
+        numel = tl.load(row + 3)
+        ptr = tl.load(row).to(tl.pointer_type(GRAD))
+        if KEY_FLOAT == tl.float64:
+            lo = tl.load(scope_state)
+            last = tl.load(scope_state + 1)
+            shift = tl.load(scope_state + 2)
+        else:
+            lo = tl.load(scope_state).to(tl.int32)
+            last = tl.load(scope_state + 1).to(tl.int32)
+            shift = tl.load(scope_state + 2).to(tl.int32)
+        slots = tl.arange(0, SLOTS)
+        block = tl.load(picked + first + slots, mask=slots < count, other=0).to(tl.int64)
+        used = (slots < count) & _sampled(block, salt, sample)
+        offs = block[:, None] * SAMPLE_BLOCK + tl.arange(0, SAMPLE_BLOCK)[None, :]
+        valid = tl.reshape(used[:, None] & (offs < numel), [BLOCK])
+        g = tl.load(ptr + tl.reshape(offs, [BLOCK]), mask=valid, other=0.0)
+        key = _keys(g, KEY_FLOAT)
+        inside = valid & (key >= lo) & (key <= last)
+        counts = tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
+        out = hist + scope * (BINS + 2)
+        tl.atomic_add(out + tl.arange(0, BINS), counts.to(tl.int64), mask=counts > 0, sem="relaxed")
+        above = tl.sum((valid & (key > last)).to(tl.int32), axis=0)
+        nonfinite = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), axis=0)
+        if above > 0:
+            tl.atomic_add(out + BINS, above.to(tl.int64), sem="relaxed")
+        if nonfinite > 0:
+            tl.atomic_add(out + BINS + 1, nonfinite.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
 def radix_histogram_kernel(
     table,  # int64 [n, 5]: data_ptr, scope row, index in the call, numel, first chunk
     chunk_owner,  # int32 [chunks]
     state,  # int64 [S, STATE_COLUMNS]
     hist,  # int64 [S, BINS + 2]
+    num_chunks,  # chunks of the launch (the grid may be smaller: programs loop)
+    num_scopes,  # S
+    items,  # int64 [num_items, 3]: table row, first index into picked, count (tables.sample_list)
+    picked,  # int32: block indices of the sampled blocks
+    num_items,  # 0: no list, sampled chunks are read through _picked_tile
     GRAD: tl.constexpr,  # element type of every gradient of this launch
     KEY_FLOAT: tl.constexpr,  # float type of the key format
     INF_KEY: tl.constexpr,  # the format's smallest non-finite key
@@ -100,81 +172,96 @@ def radix_histogram_kernel(
     STATE_COLUMNS: tl.constexpr,
     SAMPLE_BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_owner + pid).to(tl.int64)
-    row = table + t * 5
-    scope = tl.load(row + 1)
-    scope_state = state + scope * STATE_COLUMNS  # columns (radix.py): LO, LAST, SHIFT, SAMPLE, DONE, ...
-    if tl.load(scope_state + 4) != 0:  # DONE: this scope needs no more passes
+    # A dead pass (every scope DONE) ends here, after one read of the DONE and SAMPLE flags; a
+    # sampled pass with a sample list does not visit the chunks, a full pass not the list.
+    full_active = 0
+    sampled_active = 0
+    for first_row in range(0, num_scopes, 1024):
+        rows = first_row + tl.arange(0, 1024)
+        flags = state + rows.to(tl.int64) * STATE_COLUMNS
+        live = tl.load(flags + 4, mask=rows < num_scopes, other=1) == 0
+        sampling = tl.load(flags + 3, mask=rows < num_scopes, other=0) != 0
+        full_active += tl.sum((live & ~sampling).to(tl.int32), axis=0)
+        sampled_active += tl.sum((live & sampling).to(tl.int32), axis=0)
+    if (full_active == 0) & (sampled_active == 0):
         return
-    salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)  # the tensor's index
-    numel = tl.load(row + 3)
-    start = (pid - tl.load(row + 4)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
-    ptr = tl.load(row).to(tl.pointer_type(GRAD))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    base = ptr + start
-
-    sample = tl.load(scope_state + 3).to(tl.int32)
-    if KEY_FLOAT == tl.float64:
-        lo = tl.load(scope_state)
-        last = tl.load(scope_state + 1)
-        shift = tl.load(scope_state + 2)
-    else:  # 15- and 31-bit keys are int32
-        lo = tl.load(scope_state).to(tl.int32)
-        last = tl.load(scope_state + 1).to(tl.int32)
-        shift = tl.load(scope_state + 2).to(tl.int32)
+    listed = num_items > 0
     lanes = tl.arange(0, BLOCK)
-    counts = tl.zeros([BINS], dtype=tl.int32)
-    above = 0
-    nonfinite = 0
-    if sample != 0:
-        # A sampled pass: only lanes in picked blocks load (masked-off lanes cost no memory traffic).
-        for i in range(tl.cdiv(tl.minimum(numel - start, BLOCK * ITERS), BLOCK).to(tl.int32)):
-            offs = i * BLOCK + lanes
-            picked = (offs < numel - start) & _sampled((start + offs) // SAMPLE_BLOCK, salt, sample)
-            g = tl.load(base + offs, mask=picked, other=0.0)
-            c, a, nf = _count(g, picked, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
-            counts += c
-            above += a
-            nonfinite += nf
-    elif start + BLOCK * ITERS <= numel:
-        # A full chunk: unmasked loads, which the compiler can vectorise (the mask of a tail
-        # would be unknown per lane and force scalar loads).
-        for i in range(ITERS):
-            g = tl.load(base + i * BLOCK + lanes)
-            c, a, nf = _count(g, lanes >= 0, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
-            counts += c
-            above += a
-            nonfinite += nf
-    else:
-        remaining = numel - start
-        for i in range(tl.cdiv(remaining, BLOCK).to(tl.int32)):
-            offs = i * BLOCK + lanes
-            valid = offs < remaining
-            g = tl.load(base + offs, mask=valid, other=0.0)
-            c, a, nf = _count(g, valid, lo, last, shift, KEY_FLOAT, INF_KEY, BINS)
-            counts += c
-            above += a
-            nonfinite += nf
-    out = hist + scope * (BINS + 2)
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(out + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
-    if above > 0:
-        tl.atomic_add(out + BINS, above.to(tl.int64), sem="relaxed")
-    if nonfinite > 0:
-        tl.atomic_add(out + BINS + 1, nonfinite.to(tl.int64), sem="relaxed")
+    if sampled_active > 0:
+        for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
+            _count_item(item, items, picked, table, state, hist, GRAD, KEY_FLOAT, INF_KEY, BINS, BLOCK,
+                        STATE_COLUMNS, SAMPLE_BLOCK)
+    chunks = num_chunks
+    if (full_active == 0) & listed:
+        chunks = 0
+    for chunk in tl.range(tl.program_id(0), chunks, tl.num_programs(0)):
+        t = tl.load(chunk_owner + chunk).to(tl.int64)
+        row = table + t * 5
+        scope = tl.load(row + 1)
+        scope_state = state + scope * STATE_COLUMNS  # columns (radix.py): LO, LAST, SHIFT, SAMPLE, DONE, ...
+        skip = tl.load(scope_state + 4) != 0  # DONE scopes need no more passes
+        if listed:
+            skip = skip | (tl.load(scope_state + 3) != 0)  # the list serves sampled scopes
+        if ~skip:
+            salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)  # the tensor's index
+            numel = tl.load(row + 3)
+            start = (chunk - tl.load(row + 4)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
+            ptr = tl.load(row).to(tl.pointer_type(GRAD))
+            if ALIGNED:
+                ptr = tl.multiple_of(ptr, 16)
+            base = ptr + start
+            sample = tl.load(scope_state + 3).to(tl.int32)
+            if KEY_FLOAT == tl.float64:
+                lo = tl.load(scope_state)
+                last = tl.load(scope_state + 1)
+                shift = tl.load(scope_state + 2)
+            else:  # 15- and 31-bit keys are int32
+                lo = tl.load(scope_state).to(tl.int32)
+                last = tl.load(scope_state + 1).to(tl.int32)
+                shift = tl.load(scope_state + 2).to(tl.int32)
+            remaining = numel - start
+            full = remaining >= BLOCK * ITERS
+            if sample != 0:  # tiles of picked blocks
+                blocks = tl.arange(0, (BLOCK * ITERS) // SAMPLE_BLOCK)
+                picks = (blocks * SAMPLE_BLOCK < remaining) & _sampled(start // SAMPLE_BLOCK + blocks, salt, sample)
+                tiles = tl.cdiv(tl.sum(picks.to(tl.int32), axis=0), BLOCK // SAMPLE_BLOCK)
+            elif full:
+                tiles = tl.full([], ITERS, tl.int32)
+            else:
+                tiles = tl.cdiv(remaining, BLOCK).to(tl.int32)
+            counts = tl.zeros([BINS], dtype=tl.int32)
+            above = tl.zeros([BLOCK], dtype=tl.int32)  # per lane, reduced once per chunk
+            nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
+            for i in range(tiles):
+                if sample != 0:
+                    offs, valid = _picked_tile(start, remaining, salt, sample, i, SAMPLE_BLOCK, BLOCK, BLOCK * ITERS)
+                    g = tl.load(base + offs, mask=valid, other=0.0)
+                elif full:
+                    # Unmasked: the compiler can vectorise (a tail's per-lane mask forces scalar loads).
+                    valid = lanes >= 0
+                    g = tl.load(base + i * BLOCK + lanes)
+                else:
+                    offs = i * BLOCK + lanes
+                    valid = offs < remaining
+                    g = tl.load(base + offs, mask=valid, other=0.0)
+                key = _keys(g, KEY_FLOAT)
+                inside = valid & (key >= lo) & (key <= last)
+                counts += tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
+                above += (valid & (key > last)).to(tl.int32)
+                nonfinite += (valid & (key >= INF_KEY)).to(tl.int32)
+            out = hist + scope * (BINS + 2)
+            bins = tl.arange(0, BINS)
+            tl.atomic_add(out + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
+            above_total = tl.sum(above, axis=0)
+            nonfinite_total = tl.sum(nonfinite, axis=0)
+            if above_total > 0:
+                tl.atomic_add(out + BINS, above_total.to(tl.int64), sem="relaxed")
+            if nonfinite_total > 0:
+                tl.atomic_add(out + BINS + 1, nonfinite_total.to(tl.int64), sem="relaxed")
 
 
-def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> None:
-    if hist.dim() != 2 or hist.shape[-1] != radix.HIST_COLUMNS or state.dim() != 2 or state.shape[-1] != radix.STATE_COLUMNS:
-        raise ValueError(
-            f"radix_histogram: state {tuple(state.shape)} and hist {tuple(hist.shape)}; the triton backend takes "
-            f"state [S, {radix.STATE_COLUMNS}] (radix.initial_state) and hist [S, {radix.HIST_COLUMNS}]."
-        )
-    for tensor in (state, hist):
-        if not tensor.is_contiguous() or tensor.dtype != torch.int64:
-            raise ValueError("radix_histogram: state and hist must be contiguous int64 tensors.")
+def _plan(grads, scope_of, device) -> tuple:
+    """([(dtype, aligned, LaunchTable, temporaries)], cacheable): one launch per (dtype, alignment)."""
     launches = defaultdict(lambda: ([], []))
     keep_alive = []
     for index, (grad, scope) in enumerate(zip(grads, scope_of)):
@@ -188,11 +275,50 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> 
         rows, numels = launches[(grad.dtype, is_aligned(flat))]
         rows.append((flat.data_ptr(), int(scope), index))
         numels.append(flat.numel())
+    # Sample lists at the rate of each scope's entries in this call (at least 1/2): the scope's own
+    # rate on the device is the same, or higher for a shard of a larger scope (a subset of these).
+    scope_numel = defaultdict(int)
+    for (rows, numels) in launches.values():
+        for (_, scope, _), n in zip(rows, numels):
+            scope_numel[scope] += n
+    plan = []
     for (dtype, aligned), (rows, numels) in launches.items():
-        lt = launch_table(rows, numels, CHUNK, hist.device)
-        radix_histogram_kernel[(lt.num_chunks,)](
-            lt.table, lt.chunk_owner, state, hist,
+        log2s = [max(1, radix.sample_log2(scope_numel[scope])) for _, scope, _ in rows]
+        samples = sample_list(numels, [index for _, _, index in rows], log2s, radix.SAMPLE_BLOCK,
+                              BLOCK // radix.SAMPLE_BLOCK, device)
+        plan.append((dtype, aligned, launch_table(rows, numels, CHUNK, device), samples, keep_alive))
+    return plan, not keep_alive  # a copy is made afresh for every call
+
+
+def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> None:
+    if hist.dim() != 2 or hist.shape[-1] != radix.HIST_COLUMNS or state.dim() != 2 or state.shape[-1] != radix.STATE_COLUMNS:
+        raise ValueError(
+            f"radix_histogram: state {tuple(state.shape)} and hist {tuple(hist.shape)}; the triton backend takes "
+            f"state [S, {radix.STATE_COLUMNS}] (radix.initial_state) and hist [S, {radix.HIST_COLUMNS}]."
+        )
+    for tensor in (state, hist):
+        if not tensor.is_contiguous() or tensor.dtype != torch.int64:
+            raise ValueError("radix_histogram: state and hist must be contiguous int64 tensors.")
+    grads = list(grads)
+    plan = cached_plan(grads, (hist.device, tuple(scope_of)), lambda: _plan(grads, scope_of, hist.device))
+    for dtype, aligned, lt, samples, keep_alive in plan:
+        radix_histogram_kernel[(min(max(lt.num_chunks, samples.num_items), _programs(hist.device)),)](
+            lt.table, lt.chunk_owner, state, hist, lt.num_chunks, state.shape[0], samples.items, samples.blocks,
+            samples.num_items,
             GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=TORCH_TO_TRITON[key_format.float_dtype],
             INF_KEY=key_format.inf_key, ALIGNED=aligned, BINS=BINS, BLOCK=BLOCK, ITERS=ITERS,
             STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK, num_warps=NUM_WARPS,
         )
+
+
+_INTERPRETER_PROGRAMS = 8  # CPU tensors (interpreter): few programs, so that tests exercise the loop
+_program_counts: dict = {}
+
+
+def _programs(device: torch.device) -> int:
+    """Programs of a persistent launch on `device`: PROGRAMS_PER_SM per multiprocessor."""
+    if device.type == "cpu":
+        return _INTERPRETER_PROGRAMS
+    if device not in _program_counts:
+        _program_counts[device] = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _program_counts[device]

@@ -1,9 +1,10 @@
 """The compiled specialisations this backend ships: what `python -m gmt_kernels.aot` compiles.
 
-Everything that changes per step or per call (the scope intervals, lr, flags such as maximize/freeze/
-skip) is a runtime argument, so a handful of variants cover every call: the element types, amsgrad
-(whose extra tensor changes the kernel's loads), and 16-byte alignment (which allows 128-bit
-accesses). A call outside this list (e.g. float16 params in a float64-keyed scope) is compiled
+Everything that changes per step (the scope intervals, lr, the skip flag) is a runtime argument, so
+a handful of variants cover every call: the element types, amsgrad (whose extra tensor changes the
+kernel's loads), 16-byte alignment (which allows 128-bit accesses), and for the update the mask
+mode and whether there is a grad_scale (fixed for a whole training run; as compile-time constants
+they let "grad" mode store without a mask, hence 128 bits wide, and skip the division by 1). A call outside this list (e.g. float16 params in a float64-keyed scope) is compiled
 just in time as usual.
 """
 
@@ -25,6 +26,8 @@ class Spec:
     signature: tuple  # ((name, type or "constexpr"), ...)
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
+    entries_per_iteration: int  # gradient entries one loop iteration of a program covers
+
 
     def function(self):
         return {"histogram": histogram.radix_histogram_kernel, "masked_adamw": adamw.masked_adamw_kernel}[self.kernel]
@@ -43,7 +46,9 @@ HISTOGRAM_PAIRS = [
 
 
 def _histogram_specs():
-    signature = (("table", "*i64"), ("chunk_owner", "*i32"), ("state", "*i64"), ("hist", "*i64"))
+    signature = (("table", "*i64"), ("chunk_owner", "*i32"), ("state", "*i64"), ("hist", "*i64"),
+                 ("num_chunks", "i32"), ("num_scopes", "i32"), ("items", "*i64"), ("picked", "*i32"),
+                 ("num_items", "i32"))
     for grad, key in HISTOGRAM_PAIRS:
         for aligned in (True, False):
             constexprs = (("GRAD", grad), ("KEY_FLOAT", key), ("INF_KEY", KEY_FORMATS[_TORCH[key]].inf_key),
@@ -51,7 +56,7 @@ def _histogram_specs():
                           ("ITERS", histogram.ITERS), ("STATE_COLUMNS", STATE_COLUMNS), ("SAMPLE_BLOCK", SAMPLE_BLOCK))
             label = f"grad={_SHORT[grad]},key={_SHORT[key]},{'aligned' if aligned else 'unaligned'}"
             yield Spec("histogram", label, signature + tuple((n, "constexpr") for n, _ in constexprs), constexprs,
-                       histogram.NUM_WARPS)
+                       histogram.NUM_WARPS, histogram.BLOCK)
 
 
 def _adamw_specs():
@@ -62,16 +67,20 @@ def _adamw_specs():
             ("lr_tensor", "*fp32"), ("grad_scale_ptr", "*fp32"), ("skip_ptr", "*u8"),
             ("lr", "fp64"), ("weight_decay", "fp64"), ("beta1", "fp64"), ("beta2", "fp64"),
             ("log_beta1", "fp64"), ("log_beta2", "fp64"), ("eps", "fp64"),
-            ("lr_from_tensor", "i32"), ("has_grad_scale", "i32"), ("has_skip", "i32"), ("maximize", "i32"),
-            ("freeze", "i32"),
+            ("lr_from_tensor", "i32"), ("has_skip", "i32"), ("maximize", "i32"),
         )
         for amsgrad in (False, True):
             for aligned in (True, False):
-                constexprs = (("PARAM", param), ("COMPUTE", compute), ("AMSGRAD", amsgrad), ("ALIGNED", aligned),
-                              ("BLOCK", adamw.block_for(_TORCH[param])), ("ITERS", adamw.ITERS))
-                label = f"param={_SHORT[param]},{'amsgrad,' if amsgrad else ''}{'aligned' if aligned else 'unaligned'}"
-                yield Spec("masked_adamw", label, signature + tuple((n, "constexpr") for n, _ in constexprs),
-                           constexprs, adamw.NUM_WARPS)
+                for freeze in (False, True):
+                    # With AMP (grad_scale): the aligned variants without amsgrad; the rest compile on first use.
+                    for scaled in (False, True) if aligned and not amsgrad else (False,):
+                        constexprs = (("PARAM", param), ("COMPUTE", compute), ("AMSGRAD", amsgrad),
+                                      ("ALIGNED", aligned), ("BLOCK", adamw.block_for(_TORCH[param])),
+                                      ("ITERS", adamw.ITERS), ("FREEZE", freeze), ("HAS_GRAD_SCALE", scaled))
+                        label = (f"param={_SHORT[param]},{'freeze' if freeze else 'grad'},{'amsgrad,' if amsgrad else ''}"
+                                 f"{'grad_scale,' if scaled else ''}{'aligned' if aligned else 'unaligned'}")
+                        yield Spec("masked_adamw", label, signature + tuple((n, "constexpr") for n, _ in constexprs),
+                                   constexprs, adamw.NUM_WARPS, adamw.block_for(_TORCH[param]))
 
 
 def shipped_specs() -> list[Spec]:

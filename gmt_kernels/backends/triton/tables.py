@@ -11,14 +11,16 @@ with int64 offsets, so a tensor of any size (beyond 2**31 entries) and any numbe
 one launch. The tables only hold addresses and sizes, which the host knows without reading the
 device, so they are built on the host; they are cached by their contents, so a training loop whose
 tensors keep their storage (the usual case) builds them once and later steps copy nothing to the
-device (which also keeps a captured CUDA graph valid). Memory: 8 * columns bytes per tensor plus
+device (which also keeps a captured CUDA graph valid). The chunk owners, the large part, are
+cached by the tensor sizes alone: tensors that move copy only their n rows again. Memory: 8 * columns bytes per tensor plus
 4 bytes per CHUNK entries (2.4e-4 bytes per entry at CHUNK = 16384).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -40,22 +42,41 @@ def launch_table(rows: Sequence[tuple[int, ...]], numels: Sequence[int], chunk: 
     if hit is not None:
         _cache.move_to_end(key)
         return hit
-    chunks = torch.tensor([-(-n // chunk) for n in numels], dtype=torch.int64)
-    first = torch.cumsum(chunks, 0) - chunks
+    # The chunk owners (4 bytes per chunk: the large part) depend on the sizes only, so tensors that
+    # move (new gradient storage every step) copy just their small [n, columns] table again.
+    owner, first = _cached(_owner_cache, (device, chunk, tuple(numels)), lambda: _chunk_owner(numels, chunk, device))
     table = torch.cat(
         [torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1),
          torch.tensor(numels, dtype=torch.int64)[:, None], first[:, None]], dim=1)
-    owner = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), chunks)
+    result = LaunchTable(_to_device(table.contiguous(), device), owner, int(owner.numel()))
+    return _cached(_cache, key, lambda: result)
+
+
+_owner_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _cached(cache: OrderedDict, key, build):
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = build()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return hit
+
+
+def _chunk_owner(numels, chunk: int, device: torch.device) -> tuple:
+    """(chunk owner on the device, first chunk of each tensor on the host)."""
+    chunks = torch.tensor([-(-n // chunk) for n in numels], dtype=torch.int64)
+    first = torch.cumsum(chunks, 0) - chunks
+    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), chunks)
     if owner.numel() >= 2**31:
         raise ValueError(
             f"gmt_kernels triton backend: {owner.numel()} chunks of {chunk} entries exceed one launch's grid "
             "(2**31 - 1 programs); split the parameters into several param groups."
         )
-    result = LaunchTable(_to_device(table.contiguous(), device), _to_device(owner, device), int(owner.numel()))
-    _cache[key] = result
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
-    return result
+    return _to_device(owner, device), first
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -65,6 +86,77 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class SampleList(NamedTuple):
+    items: torch.Tensor  # int64 [m, 3]: row of the launch table, first index into `blocks`, count (<= per_item)
+    blocks: torch.Tensor  # int32: picked block indices, tensor by tensor, ascending
+    num_items: int
+
+
+def sample_list(numels: Sequence[int], indexes: Sequence[int], log2s: Sequence[int], block: int, per_item: int,
+                device: torch.device) -> SampleList:
+    """The blocks a sampled pass reads (radix.sampled_blocks of each tensor at its log2), as items
+    of up to `per_item` blocks of one tensor: a sampled pass then visits only what it counts.
+    Depends on the sizes, call indices and sample rates only; built and copied once (4 bytes per
+    picked block: 1/512 of the gradient's entries at the usual 1/32 sample)."""
+    from ... import radix
+
+    def build() -> SampleList:
+        items, picked, offset = [], [], 0
+        for row, (n, index, log2) in enumerate(zip(numels, indexes, log2s)):
+            blocks = torch.arange(-(-n // block), dtype=torch.int64)
+            sel = blocks[radix.sampled_blocks(blocks, index, log2)].to(torch.int32)
+            for first in range(0, sel.numel(), per_item):
+                items.append((row, offset + first, min(per_item, sel.numel() - first)))
+            picked.append(sel)
+            offset += sel.numel()
+        table = torch.tensor(items, dtype=torch.int64).reshape(-1, 3)
+        blocks = torch.cat(picked) if picked else torch.zeros(0, dtype=torch.int32)
+        if blocks.numel() == 0:
+            blocks = torch.zeros(1, dtype=torch.int32)  # a valid pointer
+        return SampleList(_to_device(table.contiguous(), device), _to_device(blocks, device), len(items))
+
+    return _cached(_sample_cache, (device, block, per_item, tuple(numels), tuple(indexes), tuple(log2s)), build)
+
+
+_sample_cache: "OrderedDict[tuple, SampleList]" = OrderedDict()
+
+
 def is_aligned(*tensors: torch.Tensor) -> bool:
     """True if every tensor starts on a 16-byte boundary: the kernels may then use 128-bit loads."""
     return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+# ---- launch plans -------------------------------------------------------------------------------
+# What a launcher derives from its tensors (dtypes, layouts, alignment, tables) costs a few
+# microseconds per tensor in Python, times the passes of a step. A plan is reused while the call
+# gets the same tensor objects with the same storage (checked per call: one data_ptr and one weak
+# reference per tensor), which is every step of a training loop that keeps its gradients; a new
+# gradient object (zero_grad(set_to_none=True)) rebuilds the plan, and the table cache above still
+# avoids the copy if the addresses are the same.
+
+
+class _Plan(NamedTuple):
+    refs: tuple
+    ptrs: tuple
+    value: object
+
+
+_PLAN_CACHE_SIZE = 64
+_plans: "OrderedDict[tuple, _Plan]" = OrderedDict()
+
+
+def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], tuple]):
+    """build() -> (plan, cacheable); the plan of an earlier call with these very tensors (same
+    objects, same data_ptrs) and the same `extra` if there is one."""
+    key = (extra, tuple(map(id, tensors)))
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    hit = _plans.get(key)
+    if hit is not None and hit.ptrs == ptrs and all(r() is t for r, t in zip(hit.refs, tensors)):
+        _plans.move_to_end(key)
+        return hit.value
+    value, cacheable = build()
+    if cacheable:
+        _plans[key] = _Plan(tuple(weakref.ref(t) for t in tensors), ptrs, value)
+        if len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return value

@@ -1,0 +1,72 @@
+"""What a steady-state GMTAdamW step would launch on a GPU, and that it takes no host data, counted
+on the Triton backend under the interpreter (gmt_kernels/backends/triton/counting.py: Triton
+launches plus aten ops on device tensors, radix_select routed to the CUDA kernel).
+
+Issue 14's bound: at most 4 device launches per selection pass plus 8, whatever the number of
+tensors. After a warm-up step nothing is made from host data and nothing is read back (a step can
+be captured in a CUDA graph), as long as the gradients keep their storage (which capture needs).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gmt_kernels import GMTAdamW, radix  # noqa: E402
+from gmt_kernels.backends.triton.counting import DeviceWork  # noqa: E402
+
+
+def steady_step(n_tensors, monkeypatch=None, sampled=False, stub_kernels=False, **options):
+    """(DeviceWork of the third step, passes per selection, the optimizer and its parameters).
+    stub_kernels: count Triton launches without running them (the counts do not depend on values)."""
+    if sampled:  # small scopes sample their first pass, as scopes of 2**18+ entries do
+        monkeypatch.setattr(radix, "SAMPLE_MIN_BLOCKS", 1)
+    gen = torch.Generator().manual_seed(n_tensors)
+    params = [torch.nn.Parameter(torch.randn(20 + 7 * (i % 5), generator=gen)) for i in range(n_tensors)]
+    opt = GMTAdamW(params, lr=1e-2, backend="triton", **options)
+    for step in range(3):
+        for p in params:  # in place: the gradients keep their storage from step to step
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = g if p.grad is None else p.grad.copy_(g)
+        with DeviceWork(stub_kernels=stub_kernels) as work:
+            opt.step()
+    numel = sum(p.numel() for p in params)
+    return work, radix.max_passes(radix.KEY_FORMATS[torch.float32], [numel]), opt, params
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["full-first-pass", "sampled-first-pass"])
+def test_launches_per_step_are_bounded_and_independent_of_the_tensor_count(sampled, monkeypatch):
+    counts = {}
+    for n in (12, 120):
+        work, passes, _, _ = steady_step(n, monkeypatch, sampled=sampled, stub_kernels=True)
+        assert work.launches["triton:radix_histogram_kernel"] == passes
+        assert work.launches["triton:radix_select_kernel"] == passes  # one launch per pass, not ~125 ops
+        assert work.launches["triton:masked_adamw_kernel"] == 1
+        assert work.total <= 4 * passes + 8, work.launches
+        counts[n] = dict(work.launches)
+    assert passes == (5 if sampled else 3)
+    assert counts[12] == counts[120]
+
+
+def test_a_steady_step_takes_no_host_data():
+    work, _, opt, params = steady_step(12, threshold="exact", mask_mode="freeze", amsgrad=True)
+    assert work.host_data == []
+    assert opt.mask_stats()["global"]["kept"] > 0  # the counted step did run
+
+
+def test_the_counter_sees_launches_host_data_and_views():
+    x = torch.zeros(8)
+    with DeviceWork() as work:
+        x.add_(1)  # one launch
+        y = x.view(2, 4).reshape(8)  # views: none
+        z = torch.tensor([1.0, 2.0])  # host data
+        w = z * 2  # host work: no device launch
+        x[:2] += w  # one launch for the add (the slice is a view), one for the copy back
+        y.sum().item()  # a launch, and a read back to the host
+    assert work.launches == {"aten::add_": 2, "aten::copy_": 1, "aten::sum": 1} or work.launches == {
+        "aten::add_": 1, "aten::add": 1, "aten::copy_": 1, "aten::sum": 1}, work.launches
+    assert work.host_data == ["aten::lift_fresh", "aten::_local_scalar_dense"]
