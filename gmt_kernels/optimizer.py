@@ -278,7 +278,7 @@ class GMTAdamW(torch.optim.Optimizer):
         if self.scope == "global":
             _check_global_mask_ratio(self.param_groups)
         scopes, records, sharded_rows = self._scopes(batches)
-        backend_for = lambda g: resolve(self.backend, g.device, g.dtype)  # noqa: E731
+        backend_for = lambda g: self._resolve(g.device, g.dtype)  # noqa: E731
         selections = {
             fmt: select_thresholds(fmt_scopes, fmt, backend_for, self._primary)
             if self._sharding is None
@@ -325,7 +325,17 @@ class GMTAdamW(torch.optim.Optimizer):
         self._record_stats(records, selections, kept_by_format, grad_scale, skip)
         return loss
 
+    def _resolve(self, device: torch.device, dtype: torch.dtype) -> Backend:
+        """resolve() once per (device, dtype) and step, not per tensor (a step's host time grows
+        with the tensor count; this keeps the registry out of that)."""
+        key = (device, dtype)
+        backend = self._resolved.get(key)
+        if backend is None:
+            backend = self._resolved[key] = resolve(self.backend, device, dtype)
+        return backend
+
     def _gather(self) -> list[_Batch]:
+        self._resolved = {}
         batches: dict[tuple, _Batch] = {}
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -350,7 +360,7 @@ class GMTAdamW(torch.optim.Optimizer):
                         f"GMTAdamW updates real floating-point parameters; parameter {pi} of param group "
                         f"{gi} is {p.dtype}. Use torch.view_as_real for complex parameters."
                     )
-                backend = resolve(self.backend, p.device, p.dtype)
+                backend = self._resolve(p.device, p.dtype)
                 key = (gi, p.device, p.dtype)
                 batch = batches.setdefault(key, _Batch(group=group, group_index=gi, backend=backend))
                 batch.params.append(p)
