@@ -6,9 +6,9 @@ concatenating them. The contract is SEMANTICS.md (see README.md).
 """
 
 from . import ops  # noqa: F401  (defines the torch.ops.gmt_kernels.* schemas the backends implement)
-from .backends import available_backends
+from .backends import available_backends, backend_info
 from .optimizer import GMTAdamW
 from .threshold import magnitude_threshold
 
-__all__ = ["GMTAdamW", "magnitude_threshold", "available_backends"]
+__all__ = ["GMTAdamW", "magnitude_threshold", "available_backends", "backend_info"]
 __version__ = "0.1.0"
