@@ -58,7 +58,7 @@ using VD = simd::Scalar<double>;
 #ifdef GMT_SIMD_X86
 namespace isa_avx2 {
 GMT_BEGIN_AVX2
-using VF = simd::avx2::F32;
+using VF = simd::avx2::F32x2;  // two registers a step: see simd.h
 using VD = simd::avx2::F64;
 #include "masked_adamw_kernel.h"
 GMT_END
