@@ -8,7 +8,7 @@ For each (parameter dtype, gradient set), one interleaved measurement (round by 
 noise hits all contenders alike; medians of --steps after warm-up) of torch.optim.AdamW(fused=True)
 on the same dtype, torch.kthvalue over the concatenated |g|, and at each capability level (switched
 in-process with gmt_kernels.backends.cpu.set_cpu_capability): the bare masked update
-(GMTAdamW mask_ratio 0), GMTAdamW approx and exact steps (scope global, --mask-ratio), and
+(GMTAdamW mask_ratio 0), GMTAdamW approx and exact steps (scope global, --mask-ratio; default nonfinite="skip"), and
 magnitude_threshold(exact=True). Prints markdown tables of ratios of medians with the targets.
 
 Gradient sets: "randn" is --tensors tensors of 2^--log2-numel standard normal entries; "realistic"
@@ -107,7 +107,9 @@ def measure(grads, dtype, levels, args):
     contenders = {"fused": fused.step}
     # One optimizer per mode, stepped at every level (the state's values do not change the time).
     opts = {
-        "bare": GMTAdamW(params, lr=1e-3, mask_ratio=0.0, backend="cpu"),
+        # The bare update: nothing masked, and no NaN/inf check (fused AdamW makes none; with the
+        # default nonfinite="skip" an unmasked scope is read once more to count NaN / inf).
+        "bare": GMTAdamW(params, lr=1e-3, mask_ratio=0.0, nonfinite="propagate", backend="cpu"),
         "approx": GMTAdamW(params, lr=1e-3, mask_ratio=args.mask_ratio, threshold="approx", backend="cpu"),
         "exact": GMTAdamW(params, lr=1e-3, mask_ratio=args.mask_ratio, threshold="exact", backend="cpu"),
     }
@@ -210,10 +212,13 @@ def main():
     parser.add_argument("--grads", default="randn,realistic", help="comma-separated: randn, realistic")
     parser.add_argument("--levels", default=",".join(cpu.supported_capabilities()),
                         help=f"comma-separated CPU capability levels (this machine: {cpu.supported_capabilities()})")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (1 gives steadier ratios on a shared machine)")
     parser.add_argument("--breakdown", action="store_true", help="time each part of a step (fp32 randn)")
     parser.add_argument("--rss", action="store_true", help="peak-RSS growth of GMT steps (subprocess)")
     args = parser.parse_args()
     levels = args.levels.split(",")
+    torch.set_num_threads(args.threads)
     for level in levels:  # refuse a level this CPU lacks before measuring anything
         with cpu.use_cpu_capability(level):
             pass

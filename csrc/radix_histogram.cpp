@@ -265,46 +265,55 @@ GMT_INLINE __m256i load_keys(const void* data, int64_t i) {
 }
 
 // Keys are below 2^31 (the sign bit is cleared), so signed compares order them; `key - lo <= span`
-// as unsigned numbers (min_epu32) tests lo <= key <= last in one compare.
+// as unsigned numbers (min_epu32) tests lo <= key <= last in one compare. (A function, not a
+// lambda: clang applies the target region to functions only.)
+struct IntervalConstants {
+  __m256i lo, span, last, below_inf;
+  __m128i shift;
+};
+
+template <Keys32 KIND>
+GMT_INLINE void count8(const void* data, int64_t i, const IntervalConstants& c, __m256i& above, __m256i& nonfinite,
+                       uint32_t* buffer, int& fill, uint32_t* counts) {
+  constexpr int kBuffer = 256;
+  const __m256i key = load_keys<KIND>(data, i);
+  const __m256i offset = _mm256_sub_epi32(key, c.lo);
+  const __m256i inside = _mm256_cmpeq_epi32(_mm256_min_epu32(offset, c.span), offset);
+  above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(key, c.last));  // a true lane is -1
+  nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(key, c.below_inf));
+  const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
+  const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[mask]));
+  const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_srl_epi32(offset, c.shift), order);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(buffer + fill), packed);
+  fill += _mm_popcnt_u32(unsigned(mask));
+  if (fill >= kBuffer) drain(counts, buffer, fill);
+}
+
 template <Keys32 KIND>
 void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
-  const __m256i lo = _mm256_set1_epi32(int32_t(iv.lo)), span = _mm256_set1_epi32(int32_t(iv.last - iv.lo));
-  const __m256i last = _mm256_set1_epi32(int32_t(iv.last)), below_inf = _mm256_set1_epi32(int32_t(iv.inf_key - 1));
-  const __m128i shift = _mm_cvtsi32_si128(iv.shift);
+  const IntervalConstants c{_mm256_set1_epi32(int32_t(iv.lo)), _mm256_set1_epi32(int32_t(iv.last - iv.lo)),
+                            _mm256_set1_epi32(int32_t(iv.last)), _mm256_set1_epi32(int32_t(iv.inf_key - 1)),
+                            _mm_cvtsi32_si128(iv.shift)};
   __m256i above = _mm256_setzero_si256(), nonfinite = _mm256_setzero_si256();
-  constexpr int kStreams = 2, kBuffer = 256;
-  alignas(32) uint32_t buffers[kStreams][kBuffer + 8];
+  constexpr int kStreams = 4;
+  alignas(32) uint32_t buffers[kStreams][256 + 8];
   int fill[kStreams] = {};
   uint32_t* counts = local.copy(0);
-  auto step = [&](int64_t i, int s) {
-    const __m256i key = load_keys<KIND>(data, i);
-    const __m256i offset = _mm256_sub_epi32(key, lo);
-    const __m256i inside = _mm256_cmpeq_epi32(_mm256_min_epu32(offset, span), offset);
-    above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(key, last));
-    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(key, below_inf));
-    const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
-    const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[mask]));
-    const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_srl_epi32(offset, shift), order);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buffers[s] + fill[s]), packed);
-    fill[s] += _mm_popcnt_u32(unsigned(mask));
-    if (fill[s] >= kBuffer) drain(counts, buffers[s], fill[s]);
-  };
-  // Two interleaved streams (halves of the range): more reads in flight, and two independent
-  // fill counters instead of one dependency chain.
+  // Interleaved streams (quarters of the range): more reads in flight, and independent fill
+  // counters instead of one dependency chain.
   const int64_t part = (n / kStreams) & ~int64_t(7);
   for (int64_t i = 0; i < part; i += 8) {
-    step(i, 0);
-    step(part + i, 1);
+    for (int s = 0; s < kStreams; ++s) count8<KIND>(data, s * part + i, c, above, nonfinite, buffers[s], fill[s], counts);
   }
   int64_t i = kStreams * part;
-  for (; i + 8 <= n; i += 8) step(i, 0);
+  for (; i + 8 <= n; i += 8) count8<KIND>(data, i, c, above, nonfinite, buffers[0], fill[0], counts);
   for (int s = 0; s < kStreams; ++s) drain(counts, buffers[s], fill[s]);
   // Per-lane counts: n < 2^34 entries per call (callers pass at most 2^30), so no lane wraps.
   alignas(32) int32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), above);
-  for (int32_t c : lanes) local.above += uint32_t(c);
+  for (int32_t count : lanes) local.above += uint32_t(count);
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), nonfinite);
-  for (int32_t c : lanes) local.nonfinite += uint32_t(c);
+  for (int32_t count : lanes) local.nonfinite += uint32_t(count);
   count_tail<KIND>(data, i, n, iv, local);
 }
 

@@ -185,18 +185,15 @@ struct F32x2 {
     const __m256i packed = _mm256_set_m128i(_mm256_cvtps_ph(x.b, _MM_FROUND_TO_NEAREST_INT), _mm256_cvtps_ph(x.a, _MM_FROUND_TO_NEAREST_INT));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
   }
-#define GMT_PAIR(NAME, EXPR)                                               \
-  static GMT_INLINE R NAME(R x, R y) {                                     \
-    auto op = [](__m256 a, __m256 b) { return EXPR; };                     \
-    return {op(x.a, y.a), op(x.b, y.b)};                                   \
-  }
-  GMT_PAIR(add, _mm256_add_ps(a, b))
-  GMT_PAIR(sub, _mm256_sub_ps(a, b))
-  GMT_PAIR(mul, _mm256_mul_ps(a, b))
-  GMT_PAIR(div, _mm256_div_ps(a, b))
-  GMT_PAIR(ge, _mm256_cmp_ps(a, b, _CMP_GE_OQ))
-  GMT_PAIR(gt, _mm256_cmp_ps(a, b, _CMP_GT_OQ))
-  GMT_PAIR(or_, _mm256_or_ps(a, b))
+#define GMT_PAIR(NAME, INTRINSIC) \
+  static GMT_INLINE R NAME(R x, R y) { return {INTRINSIC(x.a, y.a), INTRINSIC(x.b, y.b)}; }
+  GMT_PAIR(add, _mm256_add_ps)
+  GMT_PAIR(sub, _mm256_sub_ps)
+  GMT_PAIR(mul, _mm256_mul_ps)
+  GMT_PAIR(div, _mm256_div_ps)
+  GMT_PAIR(or_, _mm256_or_ps)
+  static GMT_INLINE R ge(R x, R y) { return {_mm256_cmp_ps(x.a, y.a, _CMP_GE_OQ), _mm256_cmp_ps(x.b, y.b, _CMP_GE_OQ)}; }
+  static GMT_INLINE R gt(R x, R y) { return {_mm256_cmp_ps(x.a, y.a, _CMP_GT_OQ), _mm256_cmp_ps(x.b, y.b, _CMP_GT_OQ)}; }
 #undef GMT_PAIR
   static GMT_INLINE R sqrt(R x) { return {_mm256_sqrt_ps(x.a), _mm256_sqrt_ps(x.b)}; }
   static GMT_INLINE R abs(R x) {
