@@ -218,6 +218,14 @@ inline void count_tail(const void* data, int64_t i, int64_t n, const Interval& i
 // the two copies alternately.
 inline void count_digits(const uint32_t* digits, int count, LocalCounts& local) {
   uint32_t *h0 = local.copy(0), *h1 = local.copy(1);
+  if (digits[0] == digits[count - 1]) {  // often a run (zeros): count it in a register
+    int same = 1;
+    while (same < count && digits[same] == digits[0]) ++same;
+    if (same == count) {
+      h0[digits[0]] += uint32_t(count);
+      return;
+    }
+  }
   for (int j = 0; j + 1 < count; j += 2) {
     ++h0[digits[j]];
     ++h1[digits[j + 1]];
@@ -225,8 +233,21 @@ inline void count_digits(const uint32_t* digits, int count, LocalCounts& local) 
   if (count & 1) ++h0[digits[count - 1]];
 }
 
+// Counts buffered digits. Runs of one digit are summed in a register first: real gradients hold
+// long runs of equal keys (exact zeros fill whole embedding rows), and incrementing one counter
+// entry by entry would serialise on store-to-load forwarding.
 inline void drain(uint32_t* counts, const uint32_t* buffer, int& filled) {
-  for (int j = 0; j < filled; ++j) ++counts[buffer[j]];
+  if (filled == 0) return;
+  uint32_t digit = buffer[0], run = 0;
+  for (int j = 0; j < filled; ++j) {
+    if (buffer[j] != digit) {
+      counts[digit] += run;
+      digit = buffer[j];
+      run = 0;
+    }
+    ++run;
+  }
+  counts[digit] += run;
   filled = 0;
 }
 
@@ -272,13 +293,20 @@ struct IntervalConstants {
   __m128i shift;
 };
 
-template <Keys32 KIND>
+// ZEROS (only when the interval starts at key 0): exact zeros, which real gradients hold by the
+// million, are counted in a register instead of going through the buffer.
+template <Keys32 KIND, bool ZEROS>
 GMT_INLINE void count8(const void* data, int64_t i, const IntervalConstants& c, __m256i& above, __m256i& nonfinite,
-                       uint32_t* buffer, int& fill, uint32_t* counts) {
+                       __m256i& zeros, uint32_t* buffer, int& fill, uint32_t* counts) {
   constexpr int kBuffer = 256;
   const __m256i key = load_keys<KIND>(data, i);
   const __m256i offset = _mm256_sub_epi32(key, c.lo);
-  const __m256i inside = _mm256_cmpeq_epi32(_mm256_min_epu32(offset, c.span), offset);
+  __m256i inside = _mm256_cmpeq_epi32(_mm256_min_epu32(offset, c.span), offset);
+  if constexpr (ZEROS) {
+    const __m256i is_zero = _mm256_cmpeq_epi32(key, _mm256_setzero_si256());
+    zeros = _mm256_sub_epi32(zeros, is_zero);
+    inside = _mm256_andnot_si256(is_zero, inside);
+  }
   above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(key, c.last));  // a true lane is -1
   nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(key, c.below_inf));
   const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
@@ -289,12 +317,20 @@ GMT_INLINE void count8(const void* data, int64_t i, const IntervalConstants& c, 
   if (fill >= kBuffer) drain(counts, buffer, fill);
 }
 
-template <Keys32 KIND>
-void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+GMT_INLINE int64_t lane_sum(__m256i lanes) {  // per-lane counts: n < 2^34 per call, no lane wraps
+  alignas(32) uint32_t out[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), lanes);
+  int64_t sum = 0;
+  for (uint32_t count : out) sum += count;
+  return sum;
+}
+
+template <Keys32 KIND, bool ZEROS>
+void count_interval_streams(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
   const IntervalConstants c{_mm256_set1_epi32(int32_t(iv.lo)), _mm256_set1_epi32(int32_t(iv.last - iv.lo)),
                             _mm256_set1_epi32(int32_t(iv.last)), _mm256_set1_epi32(int32_t(iv.inf_key - 1)),
                             _mm_cvtsi32_si128(iv.shift)};
-  __m256i above = _mm256_setzero_si256(), nonfinite = _mm256_setzero_si256();
+  __m256i above = _mm256_setzero_si256(), nonfinite = _mm256_setzero_si256(), zeros = _mm256_setzero_si256();
   constexpr int kStreams = 4;
   alignas(32) uint32_t buffers[kStreams][256 + 8];
   int fill[kStreams] = {};
@@ -303,18 +339,23 @@ void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts
   // counters instead of one dependency chain.
   const int64_t part = (n / kStreams) & ~int64_t(7);
   for (int64_t i = 0; i < part; i += 8) {
-    for (int s = 0; s < kStreams; ++s) count8<KIND>(data, s * part + i, c, above, nonfinite, buffers[s], fill[s], counts);
+    for (int s = 0; s < kStreams; ++s) {
+      count8<KIND, ZEROS>(data, s * part + i, c, above, nonfinite, zeros, buffers[s], fill[s], counts);
+    }
   }
   int64_t i = kStreams * part;
-  for (; i + 8 <= n; i += 8) count8<KIND>(data, i, c, above, nonfinite, buffers[0], fill[0], counts);
+  for (; i + 8 <= n; i += 8) count8<KIND, ZEROS>(data, i, c, above, nonfinite, zeros, buffers[0], fill[0], counts);
   for (int s = 0; s < kStreams; ++s) drain(counts, buffers[s], fill[s]);
-  // Per-lane counts: n < 2^34 entries per call (callers pass at most 2^30), so no lane wraps.
-  alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), above);
-  for (int32_t count : lanes) local.above += uint32_t(count);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), nonfinite);
-  for (int32_t count : lanes) local.nonfinite += uint32_t(count);
+  local.above += lane_sum(above);
+  local.nonfinite += lane_sum(nonfinite);
+  if constexpr (ZEROS) counts[0] += uint32_t(lane_sum(zeros));  // key 0 is digit 0 when LO is 0
   count_tail<KIND>(data, i, n, iv, local);
+}
+
+template <Keys32 KIND>
+void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  if (iv.lo == 0) return count_interval_streams<KIND, true>(data, n, iv, local);
+  count_interval_streams<KIND, false>(data, n, iv, local);
 }
 
 template <Keys32 KIND>

@@ -145,14 +145,16 @@ def test_histograms_equal_reference_every_pass(dtypes, case, capability, first_p
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_first_pass_counts_numpy_keys(dtype, capability):
     """Independent of the reference: bins, ABOVE and NONFINITE of keys computed by numpy, for the
-    whole key range (a first pass) and for an interval inside it."""
+    whole key range (a first pass) and for intervals inside it."""
     gen = torch.Generator().manual_seed(2)
     grads = [scores(n, dtype, case, gen) for n, case in zip(SIZES, ["wide", "nonfinite"] * 3)]
     fmt = radix.key_format_for([dtype])
     keys = np.concatenate([numpy_keys(g, fmt) for g in grads])
     finite = keys[keys < fmt.inf_key]
     lo, last = int(np.quantile(finite, 0.4)), int(np.quantile(finite, 0.45))
-    for interval in [(0, fmt.key_max), (lo, last)]:
+    # The whole range (a first pass), an interval inside it, and one from key 0 (exact zeros inside:
+    # the vector levels count zeros apart then).
+    for interval in [(0, fmt.key_max), (lo, last), (0, last)]:
         state = radix.initial_state([1], [len(keys)], [0], fmt)
         state[0, radix.SAMPLE] = 0
         state[0, radix.LO], state[0, radix.LAST] = interval
