@@ -1,20 +1,30 @@
-"""The C++ CPU backend against the figures of issue 4, and where its step time goes.
+"""The C++ CPU backend against the targets of issues 4 and 11, at every CPU capability level this
+machine has, and where its step time goes.
 
-    python bench/cpu_targets.py [--log2-numel 22] [--tensors 8] [--steps 9]
+    python bench/cpu_targets.py [--log2-numel 22] [--tensors 8] [--steps 9] [--dtypes float32,bfloat16]
+                                [--grads randn,realistic] [--levels avx2,default] [--breakdown] [--rss]
 
-Times (median of --steps after warm-up, interleaved round by round so that machine noise hits all
-contenders alike): torch.optim.AdamW(fused=True), GMTAdamW(backend="cpu") approx and exact,
-magnitude_threshold(exact=True) against torch.kthvalue over the concatenated |g|, then each part
-of a GMT step on its own (histogram passes, radix_select, masked update), then the peak-RSS growth
-of GMT steps measured in a fresh subprocess. Prints a markdown table.
+For each (parameter dtype, gradient set), one interleaved measurement (round by round, so machine
+noise hits all contenders alike; medians of --steps after warm-up) of torch.optim.AdamW(fused=True)
+on the same dtype, torch.kthvalue over the concatenated |g|, and at each capability level (switched
+in-process with gmt_kernels.backends.cpu.set_cpu_capability): the bare masked update
+(GMTAdamW mask_ratio 0), GMTAdamW approx and exact steps (scope global, --mask-ratio; default nonfinite="skip"), and
+magnitude_threshold(exact=True). Prints markdown tables of ratios of medians with the targets.
+
+Gradient sets: "randn" is --tensors tensors of 2^--log2-numel standard normal entries; "realistic"
+has the same number of entries over --realistic-tensors tensors of log-uniform sizes, about half
+of the entries exact zeros (whole rows, as embedding gradients), the others of magnitudes spread
+log-uniformly over six decades (1e-7 .. 1e-1) with random signs.
+
+--breakdown times each part of a step (histogram passes, select steps, update) at each level
+(fp32 randn); --rss measures the peak-RSS growth of GMT steps in a fresh subprocess.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,19 +33,41 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from machine import OtherProcessesCpu, _cpu_model  # noqa: E402
 
 from gmt_kernels import GMTAdamW, magnitude_threshold, radix  # noqa: E402
-from gmt_kernels.backends import resolve  # noqa: E402
+from gmt_kernels.backends import cpu, resolve  # noqa: E402
+
+TARGETS = {"bare": 1.05, "approx": 1.25, "exact": 1.5}  # x a fused AdamW step; threshold: >= 20 x kthvalue
+THRESHOLD_TARGET = 20.0
 
 
-def make_params(sizes, seed):
-    gen = torch.Generator().manual_seed(seed)
-    params = []
+def randn_grads(sizes, dtype, gen):
+    return [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+
+
+def realistic_sizes(total, count, gen):
+    """`count` log-uniform sizes between 2^8 and total/4 that add up to about `total`."""
+    logs = torch.empty(count).uniform_(8 * math.log(2), math.log(total / 4), generator=gen).exp()
+    sizes = (logs * (total / logs.sum())).long().clamp(min=1).tolist()
+    sizes[-1] += total - sum(sizes)
+    return sizes
+
+
+def realistic_grads(sizes, dtype, gen):
+    grads = []
     for n in sizes:
-        p = torch.nn.Parameter(torch.randn(n, generator=gen))
-        p.grad = torch.randn(n, generator=gen)
-        params.append(p)
-    return params
+        magnitude = torch.pow(10.0, torch.empty(n).uniform_(-7, -1, generator=gen))
+        sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+        g = magnitude * sign
+        rows = n // 256
+        if rows >= 2:  # whole rows of 256 zero with probability 1/2 (embedding rows no token used)
+            dead = torch.rand(rows, generator=gen) < 0.5
+            g[: rows * 256].view(rows, 256)[dead] = 0.0
+        grads.append(g.to(dtype))
+    return grads
 
 
 def timed(fn):
@@ -54,12 +86,62 @@ def interleaved(contenders: dict, steps: int, warmup: int = 2) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def breakdown(params, mask_ratio, steps, exact):
-    """Each part of a GMT step alone: every histogram pass (with the state it sees), the select
-    steps, the update."""
-    backend = resolve("cpu", torch.device("cpu"), torch.float32)
-    grads = [p.grad for p in params]
-    fmt = radix.KEY_FORMATS[torch.float32]
+def at_level(level, fn):
+    def run():
+        with cpu.use_cpu_capability(level):
+            fn()
+
+    return run
+
+
+def measure(grads, dtype, levels, args):
+    """One interleaved measurement of every contender on one gradient set."""
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.randn(g.shape, dtype=torch.float32).to(dtype))
+        p.grad = g
+        params.append(p)
+    numel = sum(g.numel() for g in grads)
+    k = radix.kept_count(numel, args.mask_ratio)
+    fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    contenders = {"fused": fused.step}
+    # One optimizer per mode, stepped at every level (the state's values do not change the time).
+    opts = {
+        # The bare update: nothing masked, and no NaN/inf check (fused AdamW makes none; with the
+        # default nonfinite="skip" an unmasked scope is read once more to count NaN / inf).
+        "bare": GMTAdamW(params, lr=1e-3, mask_ratio=0.0, nonfinite="propagate", backend="cpu"),
+        "approx": GMTAdamW(params, lr=1e-3, mask_ratio=args.mask_ratio, threshold="approx", backend="cpu"),
+        "exact": GMTAdamW(params, lr=1e-3, mask_ratio=args.mask_ratio, threshold="exact", backend="cpu"),
+    }
+    for level in levels:
+        for mode, opt in opts.items():
+            contenders[(level, mode)] = at_level(level, opt.step)
+        contenders[(level, "threshold")] = at_level(
+            level, lambda: magnitude_threshold(grads, args.mask_ratio, exact=True, backend="cpu"))
+    contenders["kthvalue"] = lambda: torch.cat([g.abs().reshape(-1) for g in grads]).kthvalue(numel - k + 1)
+    return interleaved(contenders, args.steps)
+
+
+def print_table(title, medians, levels):
+    base, kth = medians["fused"], medians["kthvalue"]
+    print(f"\n{title}: torch.optim.AdamW(fused=True) {base * 1e3:.1f} ms, torch.kthvalue(cat |g|) {kth * 1e3:.0f} ms\n")
+    print("| level | bare update / fused | approx / fused | exact / fused | threshold: kthvalue / ours |")
+    print("|---|---:|---:|---:|---:|")
+    for level in levels:
+        cells = []
+        for mode in ("bare", "approx", "exact"):
+            ratio = medians[(level, mode)] / base
+            cells.append(f"{ratio:.2f} ({medians[(level, mode)] * 1e3:.1f} ms) {'ok' if ratio <= TARGETS[mode] else 'MISS'}")
+        speedup = kth / medians[(level, "threshold")]
+        cells.append(f"{speedup:.0f}x ({medians[(level, 'threshold')] * 1e3:.1f} ms) {'ok' if speedup >= THRESHOLD_TARGET else 'MISS'}")
+        print(f"| {level} | " + " | ".join(cells) + " |")
+
+
+def breakdown(grads, mask_ratio, steps, exact, levels):
+    """Each part of a GMT step alone, at each level: every histogram pass (with the state it sees),
+    the select steps, the update."""
+    backend = resolve("cpu", torch.device("cpu"), grads[0].dtype)
+    fmt = radix.key_format_for([grads[0].dtype])
     numel = sum(g.numel() for g in grads)
     state = radix.initial_state([radix.kept_count(numel, mask_ratio)], [numel], [radix.rank_slack(numel, exact)], fmt)
     select = torch.ops.gmt_kernels.radix_select
@@ -71,30 +153,32 @@ def breakdown(params, mask_ratio, steps, exact):
         elif seen[0, radix.SAMPLE]:
             label = f"sample of 1/{1 << int(seen[0, radix.SAMPLE])} of the blocks"
         else:
-            inside = f"{int(seen[0, radix.LAST] - seen[0, radix.LO]) + 1} keys"
-            label = f"full pass, interval of {inside}"
+            label = f"full pass, interval of {int(seen[0, radix.LAST] - seen[0, radix.LO]) + 1} keys"
 
         def one_pass(seen=seen):
             hist.zero_()
             backend.radix_histogram(grads, [0] * len(grads), seen, hist, key_format=fmt)
 
-        parts[f"histogram pass {index + 1} ({label})"] = one_pass
+        for level in levels:
+            parts[f"[{level}] histogram pass {index + 1} ({label})"] = at_level(level, one_pass)
         one_pass()
         parts[f"radix_select after pass {index + 1}"] = lambda h=hist.clone(), s=seen: select(h, s.clone(), fmt.key_bits)
         select(hist, state, fmt.key_bits)
-    threshold = radix.keys_to_threshold(radix.result_keys(state), fmt).expand(len(params)).contiguous()
+    threshold = radix.keys_to_threshold(radix.result_keys(state), fmt).expand(len(grads)).contiguous()
+    params = [torch.randn_like(g) for g in grads]
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     steps_t = [torch.tensor(1.0) for _ in params]
     kept = torch.zeros(len(params), dtype=torch.int64)
 
     def update():
         backend.masked_adamw(
-            [p.detach() for p in params], grads, [m for m, _ in moments], [v for _, v in moments], [], steps_t,
+            params, grads, [m for m, _ in moments], [v for _, v in moments], [], steps_t,
             threshold, kept, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False,
             maximize=False, mask_mode="grad", grad_scale=None, skip=None,
         )
 
-    parts["masked_adamw (update pass)"] = update
+    for level in levels:
+        parts[f"[{level}] masked_adamw (update pass)"] = at_level(level, update)
     parts["torch.sum over every g (one read of g, for scale)"] = lambda: [g.sum() for g in grads]
     return interleaved(parts, steps)
 
@@ -121,51 +205,63 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log2-numel", type=int, default=22)
     parser.add_argument("--tensors", type=int, default=8)
+    parser.add_argument("--realistic-tensors", type=int, default=100)
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--mask-ratio", type=float, default=0.3)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
+    parser.add_argument("--grads", default="randn,realistic", help="comma-separated: randn, realistic")
+    parser.add_argument("--levels", default=",".join(cpu.supported_capabilities()),
+                        help=f"comma-separated CPU capability levels (this machine: {cpu.supported_capabilities()})")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (1 gives steadier ratios on a shared machine)")
+    parser.add_argument("--breakdown", action="store_true", help="time each part of a step (fp32 randn)")
+    parser.add_argument("--rss", action="store_true", help="peak-RSS growth of GMT steps (subprocess)")
     args = parser.parse_args()
-    sizes = [1 << args.log2_numel] * args.tensors
-    numel = sum(sizes)
+    levels = args.levels.split(",")
+    torch.set_num_threads(args.threads)
+    for level in levels:  # refuse a level this CPU lacks before measuring anything
+        with cpu.use_cpu_capability(level):
+            pass
 
-    fused_params = make_params(sizes, 0)
-    fused = torch.optim.AdamW(fused_params, lr=1e-3, fused=True)
-    contenders = {"torch.optim.AdamW(fused=True)": fused.step}
-    for threshold in ("approx", "exact"):
-        params = make_params(sizes, 0)
-        opt = GMTAdamW(params, lr=1e-3, mask_ratio=args.mask_ratio, threshold=threshold, backend="cpu")
-        contenders[f"GMTAdamW cpu {threshold}"] = opt.step
-    grads = [p.grad for p in fused_params]
-    k = radix.kept_count(numel, args.mask_ratio)
-    contenders["magnitude_threshold(exact=True) cpu"] = lambda: magnitude_threshold(grads, args.mask_ratio, backend="cpu")
-    contenders["torch.kthvalue(cat |g|)"] = lambda: torch.cat([g.abs().reshape(-1) for g in grads]).kthvalue(numel - k + 1)
-    medians = interleaved(contenders, args.steps)
+    total = args.tensors << args.log2_numel
+    load = OtherProcessesCpu()
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads (torch CPU capability {torch.backends.cpu.get_cpu_capability()}); "
+          f"gmt_kernels levels measured: {levels} (supported here: {cpu.supported_capabilities()}); "
+          f"load average at start {os.getloadavg()[0]:.1f}")
+    print(f"{total} entries, mask_ratio {args.mask_ratio}, scope global, median of {args.steps} interleaved "
+          f"steps after warm-up. Targets: bare <= {TARGETS['bare']}, approx <= {TARGETS['approx']}, exact <= "
+          f"{TARGETS['exact']} x fused AdamW; magnitude_threshold(exact=True) >= {THRESHOLD_TARGET:.0f} x faster "
+          "than kthvalue")
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    print(f"{args.tensors} tensors x 2^{args.log2_numel} fp32 = {numel} entries, mask_ratio {args.mask_ratio}, "
-          f"scope global, median of {args.steps} steps after warm-up\n")
-    base = medians["torch.optim.AdamW(fused=True)"]
-    kth = medians["torch.kthvalue(cat |g|)"]
-    print("| contender | ms | ratio | target |\n|---|---:|---:|---|")
-    targets = {"GMTAdamW cpu approx": "<= 1.10 x fused", "GMTAdamW cpu exact": "<= 1.5 x fused"}
-    for name, t in medians.items():
-        if "kthvalue" in name or "magnitude" in name:
-            ratio, target = f"{kth / t:.1f} x faster than kthvalue" if "magnitude" in name else "", (
-                ">= 20 x faster" if "magnitude" in name else "")
-        else:
-            ratio, target = f"{t / base:.2f} x fused", targets.get(name, "")
-        print(f"| {name} | {t * 1e3:.1f} | {ratio} | {target} |")
+    gen = torch.Generator().manual_seed(0)
+    sets = {"randn": [1 << args.log2_numel] * args.tensors,
+            "realistic": realistic_sizes(total, args.realistic_tensors, gen)}
+    for grad_set in args.grads.split(","):
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            sizes = sets[grad_set]
+            make = randn_grads if grad_set == "randn" else realistic_grads
+            grads = make(sizes, dtype, torch.Generator().manual_seed(1))
+            zeros = sum(int((g == 0).sum()) for g in grads) / total
+            title = f"{dtype_name}, {grad_set} ({len(sizes)} tensors, {100 * zeros:.0f} % exact zeros)"
+            print_table(title, measure(grads, dtype, levels, args), levels)
+            del grads
 
-    for exact in (False, True):
-        print(f"\n| part of a GMT step ({'exact' if exact else 'approx'}) | ms |\n|---|---:|")
-        for name, t in breakdown(fused_params, args.mask_ratio, args.steps, exact).items():
-            print(f"| {name} | {t * 1e3:.2f} |")
+    if args.breakdown:
+        grads = randn_grads(sets["randn"], torch.float32, torch.Generator().manual_seed(1))
+        for exact in (False, True):
+            print(f"\n| part of a GMT step ({'exact' if exact else 'approx'}, float32 randn) | ms |\n|---|---:|")
+            for name, t in breakdown(grads, args.mask_ratio, args.steps, exact, levels).items():
+                print(f"| {name} | {t * 1e3:.2f} |")
 
-    print("\n| peak RSS growth over 5 steps after the state exists | MiB |\n|---|---:|")
-    for threshold in ("approx", "exact"):
-        grown = peak_rss_growth(args.log2_numel, args.tensors, threshold)
-        print(f"| GMTAdamW cpu {threshold} | {grown / 2**20:.1f} |")
+    if args.rss:
+        print("\n| peak RSS growth over 5 steps after the state exists | MiB |\n|---|---:|")
+        for threshold in ("approx", "exact"):
+            grown = peak_rss_growth(args.log2_numel, args.tensors, threshold)
+            print(f"| GMTAdamW cpu {threshold} | {grown / 2**20:.1f} |")
+    share = load.share()
+    print(f"\nother processes used {100 * share:.0f} % of the CPU time during the run" if share is not None else "")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,6 @@
 
 namespace gmt {
 
-// GCC/clang compile a function once per listed ISA and pick one at load time (ifunc), so one
-// binary built with the portable -march=x86-64-v2 still runs the update with AVX2 or AVX-512.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define GMT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GMT_MULTIVERSION
-#endif
-
 // Entries of the index space handed to one thread at a time: small enough that two cores balance
 // on 8 x 2^22 entries, large enough that per-range set-up (flushing a histogram) is noise.
 constexpr int64_t kGrain = int64_t(1) << 16;

@@ -3,8 +3,9 @@
 //
 // The arithmetic follows the reference backend op for op (torch.optim.AdamW's single-tensor
 // update, scalars rounded where torch rounds them), so results agree with it to fp32 rounding.
-// The loop is plain C++ that GCC vectorises; GMT_MULTIVERSION compiles it for AVX-512, AVX2 and
-// the baseline ISA. -ffp-contract=off (setup.py) keeps every clone's rounding the same.
+// The loop (masked_adamw_kernel.h) is written once against the lane structs of simd.h and compiled
+// for AVX-512, AVX2, NEON and one lane (the portable level); cpu::kernel_level picks one per call.
+// No FMA anywhere: every variant rounds like the reference.
 #include "ops.h"
 
 #include <c10/util/BFloat16.h>
@@ -13,19 +14,24 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
+
+#include "cpu_capability.h"
+#include "simd.h"
 
 namespace gmt {
 namespace {
 
 // Per-tensor constants of one step, rounded to the compute type C as the reference rounds them.
 template <class C>
-struct Coeffs {
-  C decay, lerp_weight, one_minus_lerp_weight, beta2, one_minus_beta2, eps, neg_step_size, bias_correction2_sqrt;
+struct UpdateCoeffs {
+  C threshold, decay, lerp_weight, one_minus_lerp_weight, beta2, one_minus_beta2, eps, neg_step_size,
+      bias_correction2_sqrt;
   C grad_scale, sign;
   bool small_lerp_weight;  // torch's lerp picks its formula by |weight| < 0.5
 };
 
-// One tensor's part [first, last) as typed pointers, and where its kept count goes.
+// One tensor's part [first, last) as untyped pointers (entry 0 is `first`).
 struct Piece {
   void* param;
   const void* grad;
@@ -35,144 +41,85 @@ struct Piece {
   int64_t n;
 };
 
-template <class P>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
-template <class C, class P>
-inline C load(const P& x) {
-  return static_cast<C>(x);
-}
-template <class P, class C>
-inline P store(C x) {
-  return static_cast<P>(x);
-}
-
-template <class C>
-inline C nan_propagating_max(C a, C b) {  // torch.maximum: NaN wins
-  C larger = a > b ? a : b;
-  return a != a ? a : larger;
-}
-
-template <class P, class T, bool AMSGRAD, bool FREEZE, bool SCALED>
-__attribute__((always_inline)) inline int64_t update(const Piece& piece, const Coeffs<typename Compute<P>::type>& c,
-                                                    T threshold) {
-  using C = typename Compute<P>::type;
-  P* __restrict p = static_cast<P*>(piece.param);
-  const P* __restrict g = static_cast<const P*>(piece.grad);
-  P* __restrict m = static_cast<P*>(piece.exp_avg);
-  P* __restrict v = static_cast<P*>(piece.exp_avg_sq);
-  P* __restrict vmax = static_cast<P*>(piece.max_exp_avg_sq);
-  // Locals, not reads through `c`: the compiler cannot prove the stores below leave `c` alone, and
-  // a loop that re-reads its constants (or branches on one) is not vectorised.
-  const C decay = c.decay, lerp_weight = c.lerp_weight, one_minus_lerp_weight = c.one_minus_lerp_weight;
-  const C beta2 = c.beta2, one_minus_beta2 = c.one_minus_beta2, eps = c.eps, neg_step_size = c.neg_step_size;
-  const C bias_correction2_sqrt = c.bias_correction2_sqrt, grad_scale = c.grad_scale, sign = c.sign;
-  const bool small_lerp_weight = c.small_lerp_weight;
-  int64_t kept = 0;
-  // 32-bit counts inside a block keep the count in the float lanes' width (vectorises cleanly).
-  constexpr int64_t kBlock = int64_t(1) << 30;
-  for (int64_t start = 0; start < piece.n; start += kBlock) {
-    const int64_t stop = std::min(piece.n, start + kBlock);
-    int32_t block_kept = 0;
-#pragma omp simd reduction(+ : block_kept)
-    for (int64_t i = start; i < stop; ++i) {
-      const C raw = load<C>(g[i]);
-      const T score = static_cast<T>(std::abs(raw));
-      const bool keep = (score >= threshold) | (raw != raw);  // NaN counts as the largest score
-      block_kept += keep;
-      C grad = SCALED ? raw / grad_scale : raw;
-      grad = grad * sign;
-      if (!FREEZE) grad = keep ? grad : C(0);
-      const C m_old = load<C>(m[i]), v_old = load<C>(v[i]);
-      const C diff = grad - m_old;
-      const C m_new = small_lerp_weight ? m_old + lerp_weight * diff : grad - diff * one_minus_lerp_weight;
-      const C v_new = v_old * beta2 + one_minus_beta2 * grad * grad;
-      C second = v_new;
-      C vmax_new = C(0);
-      if (AMSGRAD) {
-        vmax_new = nan_propagating_max(load<C>(vmax[i]), v_new);
-        second = vmax_new;
-      }
-      const C denom = std::sqrt(second) / bias_correction2_sqrt + eps;
-      const C p_new = load<C>(p[i]) * decay + (m_new * neg_step_size) / denom;
-      if (FREEZE) {  // masked entries keep everything, weight decay included
-        p[i] = keep ? store<P>(p_new) : p[i];
-        m[i] = keep ? store<P>(m_new) : m[i];
-        v[i] = keep ? store<P>(v_new) : v[i];
-        if (AMSGRAD) vmax[i] = keep ? store<P>(vmax_new) : vmax[i];
-      } else {
-        p[i] = store<P>(p_new);
-        m[i] = store<P>(m_new);
-        v[i] = store<P>(v_new);
-        if (AMSGRAD) vmax[i] = store<P>(vmax_new);
-      }
-    }
-    kept += block_kept;
-  }
-  return kept;
-}
-
-struct Flags {
+struct UpdateFlags {
   bool amsgrad, freeze, scaled;
 };
 
-template <class P, class T>
-__attribute__((always_inline)) inline int64_t dispatch_flags(const Piece& piece,
-                                                            const Coeffs<typename Compute<P>::type>& c,
-                                                            T threshold, Flags f) {
-#define GMT_CASE(A, F, S) \
-  if (f.amsgrad == A && f.freeze == F && f.scaled == S) return update<P, T, A, F, S>(piece, c, threshold);
-  GMT_CASE(false, false, false) GMT_CASE(false, false, true) GMT_CASE(false, true, false)
-  GMT_CASE(false, true, true) GMT_CASE(true, false, false) GMT_CASE(true, false, true)
-  GMT_CASE(true, true, false) GMT_CASE(true, true, true)
-#undef GMT_CASE
-  return 0;
+enum class ParamKind { kFloat, kBFloat16, kHalf, kDouble };
+
+static_assert(sizeof(c10::BFloat16) == 2 && sizeof(c10::Half) == 2, "16-bit float storage");
+
+namespace isa_default {
+using VF = simd::Scalar<float>;
+using VD = simd::Scalar<double>;
+#include "masked_adamw_kernel.h"
+}  // namespace isa_default
+
+#ifdef GMT_SIMD_X86
+namespace isa_avx2 {
+GMT_BEGIN_AVX2
+using VF = simd::avx2::F32x2;  // two registers a step: see simd.h
+using VD = simd::avx2::F64;
+#include "masked_adamw_kernel.h"
+GMT_END
+}  // namespace isa_avx2
+
+namespace isa_avx512 {
+GMT_BEGIN_AVX512
+using VF = simd::avx512::F32;
+using VD = simd::avx512::F64;
+#include "masked_adamw_kernel.h"
+GMT_END
+}  // namespace isa_avx512
+#endif
+
+#ifdef GMT_SIMD_NEON
+namespace isa_neon {
+using VF = simd::neon::F32;
+using VD = simd::neon::F64;
+#include "masked_adamw_kernel.h"
+}  // namespace isa_neon
+#endif
+
+int64_t run_piece(cpu::Level level, ParamKind kind, const Piece& piece, const UpdateCoeffs<float>& cf,
+                  const UpdateCoeffs<double>& cd, UpdateFlags f) {
+  switch (level) {
+#ifdef GMT_SIMD_X86
+    case cpu::Level::kAvx512: return isa_avx512::update_piece(kind, piece, cf, cd, f);
+    case cpu::Level::kAvx2: return isa_avx2::update_piece(kind, piece, cf, cd, f);
+#endif
+#ifdef GMT_SIMD_NEON
+    case cpu::Level::kNeon: return isa_neon::update_piece(kind, piece, cf, cd, f);
+#endif
+    default: return isa_default::update_piece(kind, piece, cf, cd, f);
+  }
 }
 
-// One multiversioned entry point per (parameter type, threshold type); the flag variants are
-// inlined into each ISA clone.
-#define GMT_ENTRY(NAME, P, T)                                                                       \
-  GMT_MULTIVERSION int64_t NAME(const Piece& piece, const Coeffs<Compute<P>::type>& c, T threshold, \
-                                Flags f) {                                                          \
-    return dispatch_flags<P, T>(piece, c, threshold, f);                                            \
+ParamKind param_kind(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return ParamKind::kFloat;
+    case at::kBFloat16: return ParamKind::kBFloat16;
+    case at::kHalf: return ParamKind::kHalf;
+    case at::kDouble: return ParamKind::kDouble;
+    default: TORCH_CHECK(false, "unreachable: parameter dtype was validated");
   }
-GMT_ENTRY(update_float_f32, float, float)
-GMT_ENTRY(update_float_f64, float, double)
-GMT_ENTRY(update_half_f32, c10::Half, float)
-GMT_ENTRY(update_half_f64, c10::Half, double)
-GMT_ENTRY(update_bfloat16_f32, c10::BFloat16, float)
-GMT_ENTRY(update_bfloat16_f64, c10::BFloat16, double)
-GMT_ENTRY(update_double_f32, double, float)
-GMT_ENTRY(update_double_f64, double, double)
-#undef GMT_ENTRY
+}
 
-int64_t run_piece(at::ScalarType param_type, bool double_threshold, const Piece& piece, const Coeffs<float>& cf,
-                  const Coeffs<double>& cd, double threshold, Flags f) {
-  const float tf = static_cast<float>(threshold);
-  switch (param_type) {
-    case at::kFloat:
-      return double_threshold ? update_float_f64(piece, cf, threshold, f) : update_float_f32(piece, cf, tf, f);
-    case at::kHalf:
-      return double_threshold ? update_half_f64(piece, cf, threshold, f) : update_half_f32(piece, cf, tf, f);
-    case at::kBFloat16:
-      return double_threshold ? update_bfloat16_f64(piece, cf, threshold, f) : update_bfloat16_f32(piece, cf, tf, f);
-    case at::kDouble:
-      return double_threshold ? update_double_f64(piece, cd, threshold, f) : update_double_f32(piece, cd, tf, f);
-    default:
-      TORCH_CHECK(false, "unreachable: parameter dtype was validated");
-  }
+// The float threshold that keeps exactly the floats a double threshold keeps: the least float >= t
+// (|g| of a float is a float, so |g| >= t iff |g| >= that float).
+float float_threshold_at_least(double t) {
+  if (t != t) return std::numeric_limits<float>::quiet_NaN();
+  if (t > double(std::numeric_limits<float>::max())) return std::numeric_limits<float>::infinity();
+  float f = static_cast<float>(t);
+  if (double(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
 }
 
 template <class C>
-Coeffs<C> coefficients(double lr, double decay, double step, double beta1, double beta2, double eps,
-                       double grad_scale, bool maximize) {
-  Coeffs<C> c;
+UpdateCoeffs<C> coefficients(C threshold, double lr, double decay, double step, double beta1, double beta2,
+                             double eps, double grad_scale, bool maximize) {
+  UpdateCoeffs<C> c;
+  c.threshold = threshold;
   const double bias_correction1 = 1.0 - std::pow(beta1, step);
   const double bias_correction2 = 1.0 - std::pow(beta2, step);
   c.decay = static_cast<C>(decay);
@@ -256,8 +203,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
   const double lr_value = lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
   const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
-  const Flags flags{amsgrad, mask_mode == "freeze", grad_scale.has_value()};
-  const bool double_threshold = thresholds.scalar_type() == at::kDouble;
+  const UpdateFlags flags{amsgrad, mask_mode == "freeze", grad_scale.has_value()};
   const at::Tensor thresholds64 = thresholds.to(at::kDouble);
   const double* threshold_of = thresholds64.data_ptr<double>();
   const float decay_f = decay_factor<float>(lr_value, lr_tensor, weight_decay);
@@ -268,8 +214,8 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   // is worked on as a contiguous copy and copied back.
   std::vector<std::array<at::Tensor, 5>> operands(n);
   std::vector<std::array<bool, 5>> copied(n);
-  std::vector<Coeffs<float>> coeffs_f(n);
-  std::vector<Coeffs<double>> coeffs_d(n);
+  std::vector<UpdateCoeffs<float>> coeffs_f(n);
+  std::vector<UpdateCoeffs<double>> coeffs_d(n);
   std::vector<int64_t> sizes(n);
   for (size_t i = 0; i < n; ++i) {
     std::array<at::Tensor, 5> original{params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
@@ -282,12 +228,13 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       operands[i][k] = copied[i][k] ? original[k].contiguous() : original[k];
     }
     const double step = steps[i].item<double>();
-    coeffs_f[i] = coefficients<float>(lr_value, decay_f, step, beta1, beta2, eps, scale, maximize);
-    coeffs_d[i] = coefficients<double>(lr_value, decay_d, step, beta1, beta2, eps, scale, maximize);
+    coeffs_f[i] = coefficients<float>(float_threshold_at_least(threshold_of[i]), lr_value, decay_f, step, beta1, beta2, eps, scale, maximize);
+    coeffs_d[i] = coefficients<double>(threshold_of[i], lr_value, decay_d, step, beta1, beta2, eps, scale, maximize);
     sizes[i] = params[i].numel();
   }
 
   FlatIndex flat(sizes);
+  const cpu::Level level = cpu::kernel_level(cpu::Kernel::kMaskedAdamw);
   int64_t* kept_out = kept.data_ptr<int64_t>();
   at::parallel_for(0, flat.total(), kGrain, [&](int64_t begin, int64_t end) {
     flat.for_each_piece(begin, end, [&](size_t i, int64_t first, int64_t last) {
@@ -298,8 +245,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       };
       const Piece piece{at_first(ops[0]), at_first(ops[1]), at_first(ops[2]), at_first(ops[3]), at_first(ops[4]),
                         last - first};
-      const int64_t count = run_piece(ops[0].scalar_type(), double_threshold, piece, coeffs_f[i], coeffs_d[i],
-                                      threshold_of[i], flags);
+      const int64_t count = run_piece(level, param_kind(ops[0].scalar_type()), piece, coeffs_f[i], coeffs_d[i], flags);
       atomic_add(kept_out + i, count);
     });
   });

@@ -4,25 +4,27 @@
 // in L1, and adds them into the shared int64 histogram only when its range moves on to another
 // scope: extra memory is threads x bins, whatever the number of entries.
 //
-// Most passes histogram a narrow interval of keys (a sampled bracket, then one bin of it), so most
-// entries only raise the ABOVE counter or nothing. The work is then reading the gradient: with
-// AVX-512 each 16 keys are compared and the digits of those in the interval compressed into a
-// small buffer, which is counted when full; without it, blocks of 64 keys are tested by vector code
-// and only blocks with a key in the interval append digits to such a buffer.
+// Three kinds of pass, each with a variant per CPU capability level (cpu_capability.h) for the
+// 32-bit key formats (f32, f16, bf16; 64-bit keys take the portable code on every level):
+// - interval (most of a step's reading: the bracket, then one bin of it): most entries only raise
+//   the ABOVE counter or nothing, so the work is reading g. Vector code compares W keys at a time
+//   and packs the digits of those inside the interval into a buffer (AVX-512: compress; AVX2: a
+//   permutation from a 256-entry table; NEON: a branch-free append), counted when full.
+// - whole (a first pass, every key has a bin): keys and digits in vector code, then scalar
+//   increments alternating between two histogram copies.
+// - sample (a first pass over the hashed blocks of radix.sampled_blocks): the whole-range code
+//   on each picked block of 64 entries, the picks of the group after next prefetched.
+// The portable level is the same algorithm one key at a time.
 #include "ops.h"
 #include "radix.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define GMT_HAVE_AVX512_PATH 1
-#define GMT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
-#endif
+#include "cpu_capability.h"
+#include "simd.h"
 
 namespace gmt {
 namespace {
@@ -177,12 +179,212 @@ __attribute__((always_inline)) inline void count_interval(const Bits* x, int64_t
   local.nonfinite += nonfinite;
 }
 
-#ifdef GMT_HAVE_AVX512_PATH
-// The 32-bit key formats that the AVX-512 path loads 16 at a time.
+// The 32-bit key formats that vector code loads W at a time, and their one-key functions.
 enum class Keys32 { kFloat, kSameWidth16, kBFloat16InF32, kHalfInF32, kNone };
 
+Keys32 keys32_kind(at::ScalarType dtype, const std::string& format) {
+  using at::ScalarType;
+  if (format == "f32") {
+    if (dtype == ScalarType::Float) return Keys32::kFloat;
+    if (dtype == ScalarType::BFloat16) return Keys32::kBFloat16InF32;
+    if (dtype == ScalarType::Half) return Keys32::kHalfInF32;
+  }
+  if ((format == "f16" && dtype == ScalarType::Half) || (format == "bf16" && dtype == ScalarType::BFloat16)) {
+    return Keys32::kSameWidth16;
+  }
+  return Keys32::kNone;
+}
+
+// The tail of a vector loop (fewer than W keys left) with the portable code for the same keys.
 template <Keys32 KIND>
-GMT_AVX512 inline __m512i load_keys(const void* data, int64_t i, __mmask16 valid) {
+inline void count_tail(const void* data, int64_t i, int64_t n, const Interval& iv, LocalCounts& local) {
+  if (i >= n) return;
+  auto run = [&](auto bits_tag, auto key) {
+    using Bits = decltype(bits_tag);
+    const Bits* x = static_cast<const Bits*>(data) + i;
+    if (iv.whole) {
+      count_whole(x, n - i, key, iv, local);
+    } else {
+      count_interval(x, n - i, key, iv, local);
+    }
+  };
+  if constexpr (KIND == Keys32::kFloat) run(uint32_t{}, KeySameWidth32{});
+  if constexpr (KIND == Keys32::kSameWidth16) run(uint16_t{}, KeySameWidth16{});
+  if constexpr (KIND == Keys32::kBFloat16InF32) run(uint16_t{}, KeyBFloat16InF32{});
+  if constexpr (KIND == Keys32::kHalfInF32) run(uint16_t{}, KeyHalfInF32{});
+}
+
+// Digits of whole-range keys, written W at a time by vector code, counted here one by one into
+// the two copies alternately.
+inline void count_digits(const uint32_t* digits, int count, LocalCounts& local) {
+  uint32_t *h0 = local.copy(0), *h1 = local.copy(1);
+  if (digits[0] == digits[count - 1]) {  // often a run (zeros): count it in a register
+    int same = 1;
+    while (same < count && digits[same] == digits[0]) ++same;
+    if (same == count) {
+      h0[digits[0]] += uint32_t(count);
+      return;
+    }
+  }
+  for (int j = 0; j + 1 < count; j += 2) {
+    ++h0[digits[j]];
+    ++h1[digits[j + 1]];
+  }
+  if (count & 1) ++h0[digits[count - 1]];
+}
+
+// Counts buffered digits. Runs of one digit are summed in a register first: real gradients hold
+// long runs of equal keys (exact zeros fill whole embedding rows), and incrementing one counter
+// entry by entry would serialise on store-to-load forwarding.
+inline void drain(uint32_t* counts, const uint32_t* buffer, int& filled) {
+  if (filled == 0) return;
+  uint32_t digit = buffer[0], run = 0;
+  for (int j = 0; j < filled; ++j) {
+    if (buffer[j] != digit) {
+      counts[digit] += run;
+      digit = buffer[j];
+      run = 0;
+    }
+    ++run;
+  }
+  counts[digit] += run;
+  filled = 0;
+}
+
+#ifdef GMT_SIMD_X86
+// For each 8-bit mask, the lanes whose bit is set, in order: the permutation that packs them to
+// the front of an AVX2 register (AVX2 has no compress instruction).
+struct CompressTable {
+  alignas(32) uint32_t lanes[256][8];
+  constexpr CompressTable() : lanes() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        if (mask >> lane & 1) lanes[mask][k++] = uint32_t(lane);
+      }
+    }
+  }
+};
+constexpr CompressTable kCompress{};
+
+namespace isa_avx2 {
+GMT_BEGIN_AVX2
+template <Keys32 KIND>
+GMT_INLINE __m256i load_keys(const void* data, int64_t i) {
+  if constexpr (KIND == Keys32::kFloat) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint32_t*>(data) + i));
+    return _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+  } else {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + i));
+    if constexpr (KIND == Keys32::kHalfInF32) {  // VCVTPH2PS widens denormals exactly
+      return _mm256_and_si256(_mm256_castps_si256(_mm256_cvtph_ps(half)), _mm256_set1_epi32(0x7fffffff));
+    }
+    const __m256i bits = _mm256_and_si256(_mm256_cvtepu16_epi32(half), _mm256_set1_epi32(0x7fff));
+    if constexpr (KIND == Keys32::kBFloat16InF32) return _mm256_slli_epi32(bits, 16);
+    return bits;
+  }
+}
+
+// Keys are below 2^31 (the sign bit is cleared), so signed compares order them; `key - lo <= span`
+// as unsigned numbers (min_epu32) tests lo <= key <= last in one compare. (A function, not a
+// lambda: clang applies the target region to functions only.)
+struct IntervalConstants {
+  __m256i lo, span, last, below_inf;
+  __m128i shift;
+};
+
+// ZEROS (only when the interval starts at key 0): exact zeros, which real gradients hold by the
+// million, are counted in a register instead of going through the buffer.
+template <Keys32 KIND, bool ZEROS>
+GMT_INLINE void count8(const void* data, int64_t i, const IntervalConstants& c, __m256i& above, __m256i& nonfinite,
+                       __m256i& zeros, uint32_t* buffer, int& fill, uint32_t* counts) {
+  constexpr int kBuffer = 256;
+  const __m256i key = load_keys<KIND>(data, i);
+  const __m256i offset = _mm256_sub_epi32(key, c.lo);
+  __m256i inside = _mm256_cmpeq_epi32(_mm256_min_epu32(offset, c.span), offset);
+  if constexpr (ZEROS) {
+    const __m256i is_zero = _mm256_cmpeq_epi32(key, _mm256_setzero_si256());
+    zeros = _mm256_sub_epi32(zeros, is_zero);
+    inside = _mm256_andnot_si256(is_zero, inside);
+  }
+  above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(key, c.last));  // a true lane is -1
+  nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(key, c.below_inf));
+  const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
+  const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[mask]));
+  const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_srl_epi32(offset, c.shift), order);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(buffer + fill), packed);
+  fill += _mm_popcnt_u32(unsigned(mask));
+  if (fill >= kBuffer) drain(counts, buffer, fill);
+}
+
+GMT_INLINE int64_t lane_sum(__m256i lanes) {  // per-lane counts: n < 2^34 per call, no lane wraps
+  alignas(32) uint32_t out[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), lanes);
+  int64_t sum = 0;
+  for (uint32_t count : out) sum += count;
+  return sum;
+}
+
+template <Keys32 KIND, bool ZEROS>
+void count_interval_streams(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  const IntervalConstants c{_mm256_set1_epi32(int32_t(iv.lo)), _mm256_set1_epi32(int32_t(iv.last - iv.lo)),
+                            _mm256_set1_epi32(int32_t(iv.last)), _mm256_set1_epi32(int32_t(iv.inf_key - 1)),
+                            _mm_cvtsi32_si128(iv.shift)};
+  __m256i above = _mm256_setzero_si256(), nonfinite = _mm256_setzero_si256(), zeros = _mm256_setzero_si256();
+  constexpr int kStreams = 4;
+  alignas(32) uint32_t buffers[kStreams][256 + 8];
+  int fill[kStreams] = {};
+  uint32_t* counts = local.copy(0);
+  // Interleaved streams (quarters of the range): more reads in flight, and independent fill
+  // counters instead of one dependency chain.
+  const int64_t part = (n / kStreams) & ~int64_t(7);
+  for (int64_t i = 0; i < part; i += 8) {
+    for (int s = 0; s < kStreams; ++s) {
+      count8<KIND, ZEROS>(data, s * part + i, c, above, nonfinite, zeros, buffers[s], fill[s], counts);
+    }
+  }
+  int64_t i = kStreams * part;
+  for (; i + 8 <= n; i += 8) count8<KIND, ZEROS>(data, i, c, above, nonfinite, zeros, buffers[0], fill[0], counts);
+  for (int s = 0; s < kStreams; ++s) drain(counts, buffers[s], fill[s]);
+  local.above += lane_sum(above);
+  local.nonfinite += lane_sum(nonfinite);
+  if constexpr (ZEROS) counts[0] += uint32_t(lane_sum(zeros));  // key 0 is digit 0 when LO is 0
+  count_tail<KIND>(data, i, n, iv, local);
+}
+
+template <Keys32 KIND>
+void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  if (iv.lo == 0) return count_interval_streams<KIND, true>(data, n, iv, local);
+  count_interval_streams<KIND, false>(data, n, iv, local);
+}
+
+template <Keys32 KIND>
+void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  const __m256i below_inf = _mm256_set1_epi32(int32_t(iv.inf_key - 1));
+  const __m128i shift = _mm_cvtsi32_si128(iv.shift);
+  __m256i nonfinite = _mm256_setzero_si256();
+  alignas(32) uint32_t digits[16];
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i k0 = load_keys<KIND>(data, i), k1 = load_keys<KIND>(data, i + 8);
+    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(k0, below_inf));
+    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(k1, below_inf));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(digits), _mm256_srl_epi32(k0, shift));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(digits + 8), _mm256_srl_epi32(k1, shift));
+    count_digits(digits, 16, local);
+  }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), nonfinite);
+  for (int32_t c : lanes) local.nonfinite += uint32_t(c);
+  count_tail<KIND>(data, i, n, iv, local);
+}
+GMT_END
+}  // namespace isa_avx2
+
+namespace isa_avx512 {
+GMT_BEGIN_AVX512
+template <Keys32 KIND>
+GMT_INLINE __m512i load_keys(const void* data, int64_t i, __mmask16 valid) {
   if constexpr (KIND == Keys32::kFloat) {
     const __m512i bits = _mm512_maskz_loadu_epi32(valid, static_cast<const uint32_t*>(data) + i);
     return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
@@ -201,8 +403,8 @@ GMT_AVX512 inline __m512i load_keys(const void* data, int64_t i, __mmask16 valid
 // keys inside the interval to `buffer` at `fill` (compressed into a register, then a plain store:
 // a compressing store to memory is slow on Zen 4). Returns how many it appended.
 template <Keys32 KIND>
-GMT_AVX512 inline int count16(const void* data, int64_t i, int64_t n, __m512i lo, __m512i span, __m512i last,
-                              __m512i inf, __m128i shift, __m512i& above, __m512i& nonfinite, uint32_t* buffer) {
+GMT_INLINE int count16(const void* data, int64_t i, int64_t n, __m512i lo, __m512i span, __m512i last, __m512i inf,
+                       __m128i shift, __m512i& above, __m512i& nonfinite, uint32_t* buffer) {
   const __mmask16 valid = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
   const __m512i key = load_keys<KIND>(data, i, valid);
   const __m512i offset = _mm512_sub_epi32(key, lo);
@@ -218,7 +420,7 @@ GMT_AVX512 inline int count16(const void* data, int64_t i, int64_t n, __m512i lo
 // several sequential reads in flight (a single stream leaves memory bandwidth unused), and each
 // buffer's fill count (compress, popcount, add: a dependency chain) advances independently.
 template <Keys32 KIND>
-GMT_AVX512 void count_interval_avx512(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
   const __m512i lo = _mm512_set1_epi32(int32_t(iv.lo)), span = _mm512_set1_epi32(int32_t(iv.last - iv.lo));
   const __m512i last = _mm512_set1_epi32(int32_t(iv.last)), inf = _mm512_set1_epi32(int32_t(iv.inf_key));
   const __m128i shift = _mm_cvtsi32_si128(iv.shift);
@@ -227,10 +429,6 @@ GMT_AVX512 void count_interval_avx512(const void* data, int64_t n, const Interva
   alignas(64) uint32_t buffers[kStreams][kBuffer + 16];
   int fill[kStreams] = {};
   uint32_t* counts = local.copy(0);
-  auto drain = [counts](const uint32_t* buffer, int& filled) {
-    for (int j = 0; j < filled; ++j) ++counts[buffer[j]];
-    filled = 0;
-  };
   // Stream s covers [s * part, (s + 1) * part) of the range, the last one the remainder too.
   const int64_t part = (n / kStreams) & ~int64_t(15);
   for (int64_t i = 0; i < part; i += 16) {
@@ -238,69 +436,167 @@ GMT_AVX512 void count_interval_avx512(const void* data, int64_t n, const Interva
     for (int s = 0; s < kStreams; ++s) {
       fill[s] += count16<KIND>(data, s * part + i, n, lo, span, last, inf, shift, above, nonfinite,
                                buffers[s] + fill[s]);
-      if (fill[s] >= kBuffer) drain(buffers[s], fill[s]);
+      if (fill[s] >= kBuffer) drain(counts, buffers[s], fill[s]);
     }
   }
   for (int64_t i = kStreams * part; i < n; i += 16) {
     fill[0] += count16<KIND>(data, i, n, lo, span, last, inf, shift, above, nonfinite, buffers[0] + fill[0]);
-    if (fill[0] >= kBuffer) drain(buffers[0], fill[0]);
+    if (fill[0] >= kBuffer) drain(counts, buffers[0], fill[0]);
   }
-  for (int s = 0; s < kStreams; ++s) drain(buffers[s], fill[s]);
+  for (int s = 0; s < kStreams; ++s) drain(counts, buffers[s], fill[s]);
   // Per-lane counts: n < 2^36 entries per call (callers pass at most 2^30), so no lane wraps.
-  local.above += _mm512_reduce_add_epi32(above);
-  local.nonfinite += _mm512_reduce_add_epi32(nonfinite);
+  local.above += uint32_t(_mm512_reduce_add_epi32(above));
+  local.nonfinite += uint32_t(_mm512_reduce_add_epi32(nonfinite));
 }
 
-bool avx512_usable() {
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  const char* off = std::getenv("GMT_KERNELS_NO_AVX512");  // read per call: tests run both paths
-  return supported && !(off && off[0] == '1');
+template <Keys32 KIND>
+void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  const __m512i inf = _mm512_set1_epi32(int32_t(iv.inf_key)), one = _mm512_set1_epi32(1);
+  const __m128i shift = _mm_cvtsi32_si128(iv.shift);
+  __m512i nonfinite = _mm512_setzero_si512();
+  alignas(64) uint32_t digits[32];
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512i k0 = load_keys<KIND>(data, i, 0xffff), k1 = load_keys<KIND>(data, i + 16, 0xffff);
+    nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_cmpge_epu32_mask(k0, inf), nonfinite, one);
+    nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_cmpge_epu32_mask(k1, inf), nonfinite, one);
+    _mm512_store_si512(digits, _mm512_srl_epi32(k0, shift));
+    _mm512_store_si512(digits + 16, _mm512_srl_epi32(k1, shift));
+    count_digits(digits, 32, local);
+  }
+  local.nonfinite += uint32_t(_mm512_reduce_add_epi32(nonfinite));
+  count_tail<KIND>(data, i, n, iv, local);
+}
+GMT_END
+}  // namespace isa_avx512
+#endif  // GMT_SIMD_X86
+
+#ifdef GMT_SIMD_NEON
+namespace isa_neon {
+template <Keys32 KIND>
+GMT_INLINE uint32x4_t load_keys(const void* data, int64_t i) {
+  if constexpr (KIND == Keys32::kFloat) {
+    return vandq_u32(vld1q_u32(static_cast<const uint32_t*>(data) + i), vdupq_n_u32(0x7fffffffu));
+  } else {
+    const uint16x4_t half = vld1_u16(static_cast<const uint16_t*>(data) + i);
+    if constexpr (KIND == Keys32::kHalfInF32) {  // FCVTL widens denormals exactly (FZ16 is off)
+      return vandq_u32(vreinterpretq_u32_f32(vcvt_f32_f16(vreinterpret_f16_u16(half))), vdupq_n_u32(0x7fffffffu));
+    }
+    const uint16x4_t bits = vand_u16(half, vdup_n_u16(0x7fff));
+    if constexpr (KIND == Keys32::kBFloat16InF32) return vshll_n_u16(bits, 16);
+    return vmovl_u16(bits);
+  }
 }
 
-Keys32 keys32_kind(at::ScalarType dtype, const std::string& format) {
+template <Keys32 KIND>
+void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  const uint32x4_t lo = vdupq_n_u32(uint32_t(iv.lo)), span = vdupq_n_u32(uint32_t(iv.last - iv.lo));
+  const uint32x4_t last = vdupq_n_u32(uint32_t(iv.last)), inf = vdupq_n_u32(uint32_t(iv.inf_key));
+  const int32x4_t right = vdupq_n_s32(-iv.shift);  // a negative left shift shifts right
+  uint32x4_t above = vdupq_n_u32(0), nonfinite = vdupq_n_u32(0);
+  constexpr int kBuffer = 256;
+  uint32_t buffer[kBuffer + 8];
+  alignas(16) uint32_t digits[8], inside[8];
+  int fill = 0;
+  uint32_t* counts = local.copy(0);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int h = 0; h < 2; ++h) {
+      const uint32x4_t key = load_keys<KIND>(data, i + 4 * h);
+      const uint32x4_t offset = vsubq_u32(key, lo);
+      above = vsubq_u32(above, vcgtq_u32(key, last));  // a true lane is all ones: subtracting adds 1
+      nonfinite = vsubq_u32(nonfinite, vcgeq_u32(key, inf));
+      vst1q_u32(inside + 4 * h, vshrq_n_u32(vcleq_u32(offset, span), 31));
+      vst1q_u32(digits + 4 * h, vshlq_u32(offset, right));
+    }
+    for (int j = 0; j < 8; ++j) {  // branch-free append: store always, advance if inside
+      buffer[fill] = digits[j];
+      fill += int(inside[j]);
+    }
+    if (fill >= kBuffer) drain(counts, buffer, fill);
+  }
+  drain(counts, buffer, fill);
+  local.above += vaddvq_u32(above);
+  local.nonfinite += vaddvq_u32(nonfinite);
+  count_tail<KIND>(data, i, n, iv, local);
+}
+
+template <Keys32 KIND>
+void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+  const uint32x4_t inf = vdupq_n_u32(uint32_t(iv.inf_key));
+  const int32x4_t right = vdupq_n_s32(-iv.shift);
+  uint32x4_t nonfinite = vdupq_n_u32(0);
+  alignas(16) uint32_t digits[16];
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int q = 0; q < 4; ++q) {
+      const uint32x4_t key = load_keys<KIND>(data, i + 4 * q);
+      nonfinite = vsubq_u32(nonfinite, vcgeq_u32(key, inf));
+      vst1q_u32(digits + 4 * q, vshlq_u32(key, right));
+    }
+    count_digits(digits, 16, local);
+  }
+  local.nonfinite += vaddvq_u32(nonfinite);
+  count_tail<KIND>(data, i, n, iv, local);
+}
+}  // namespace isa_neon
+#endif  // GMT_SIMD_NEON
+
+// One span [0, n) of a 32-bit-key gradient at `level` (never kDefault: that is count_span_portable).
+void count_span_vector(cpu::Level level, Keys32 kind, const void* data, int64_t n, const Interval& iv,
+                       LocalCounts& local) {
+#define GMT_KINDS(NS)                                                                                   \
+  switch (kind) {                                                                                       \
+    case Keys32::kFloat: return iv.whole ? NS::count_whole<Keys32::kFloat>(data, n, iv, local)          \
+                                         : NS::count_interval<Keys32::kFloat>(data, n, iv, local);      \
+    case Keys32::kSameWidth16: return iv.whole ? NS::count_whole<Keys32::kSameWidth16>(data, n, iv, local) \
+                                               : NS::count_interval<Keys32::kSameWidth16>(data, n, iv, local); \
+    case Keys32::kBFloat16InF32: return iv.whole ? NS::count_whole<Keys32::kBFloat16InF32>(data, n, iv, local) \
+                                                 : NS::count_interval<Keys32::kBFloat16InF32>(data, n, iv, local); \
+    case Keys32::kHalfInF32: return iv.whole ? NS::count_whole<Keys32::kHalfInF32>(data, n, iv, local)  \
+                                             : NS::count_interval<Keys32::kHalfInF32>(data, n, iv, local); \
+    case Keys32::kNone: break;                                                                          \
+  }
+  switch (level) {
+#ifdef GMT_SIMD_X86
+    case cpu::Level::kAvx512: GMT_KINDS(isa_avx512) break;
+    case cpu::Level::kAvx2: GMT_KINDS(isa_avx2) break;
+#endif
+#ifdef GMT_SIMD_NEON
+    case cpu::Level::kNeon: GMT_KINDS(isa_neon) break;
+#endif
+    default: break;
+  }
+#undef GMT_KINDS
+  TORCH_CHECK(false, "unreachable: no ", cpu::level_name(level), " histogram variant for this dtype/format pair");
+}
+
+// Calls fn(bits_tag, key) with the storage type and one-key function of (gradient dtype, key format).
+template <class Fn>
+void with_key_function(at::ScalarType dtype, const std::string& format, Fn&& fn) {
   using at::ScalarType;
   if (format == "f32") {
-    if (dtype == ScalarType::Float) return Keys32::kFloat;
-    if (dtype == ScalarType::BFloat16) return Keys32::kBFloat16InF32;
-    if (dtype == ScalarType::Half) return Keys32::kHalfInF32;
+    if (dtype == ScalarType::Float) return fn(uint32_t{}, KeySameWidth32{});
+    if (dtype == ScalarType::BFloat16) return fn(uint16_t{}, KeyBFloat16InF32{});
+    if (dtype == ScalarType::Half) return fn(uint16_t{}, KeyHalfInF32{});
+  } else if ((format == "f16" && dtype == ScalarType::Half) || (format == "bf16" && dtype == ScalarType::BFloat16)) {
+    return fn(uint16_t{}, KeySameWidth16{});
+  } else if (format == "f64") {
+    if (dtype == ScalarType::Double) return fn(uint64_t{}, KeySameWidth64{});
+    if (dtype == ScalarType::Float) return fn(uint32_t{}, KeyFloatInF64{});
+    if (dtype == ScalarType::Half) return fn(uint16_t{}, KeyHalfInF64{});
+    if (dtype == ScalarType::BFloat16) return fn(uint16_t{}, KeyBFloat16InF64{});
   }
-  if ((format == "f16" && dtype == ScalarType::Half) || (format == "bf16" && dtype == ScalarType::BFloat16)) {
-    return Keys32::kSameWidth16;
-  }
-  return Keys32::kNone;
+  TORCH_CHECK(false, "unreachable: dtype/format pair was validated");
 }
 
-void count_interval_avx512(Keys32 kind, const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
-  switch (kind) {
-    case Keys32::kFloat: return count_interval_avx512<Keys32::kFloat>(data, n, iv, local);
-    case Keys32::kSameWidth16: return count_interval_avx512<Keys32::kSameWidth16>(data, n, iv, local);
-    case Keys32::kBFloat16InF32: return count_interval_avx512<Keys32::kBFloat16InF32>(data, n, iv, local);
-    case Keys32::kHalfInF32: return count_interval_avx512<Keys32::kHalfInF32>(data, n, iv, local);
-    case Keys32::kNone: break;
-  }
-  TORCH_CHECK(false, "unreachable: no AVX-512 key loader for this dtype/format pair");
-}
-#endif
-
-// Entries [first, last) of one tensor (the tensor_index-th of the call), or only those of its
-// sampled blocks when sample_log2 > 0.
-template <class Bits, class KeyFn>
-__attribute__((always_inline)) inline void count_piece_typed(const void* data, int64_t first, int64_t last, KeyFn key,
-                                                             const Interval& iv, int64_t sample_log2,
-                                                             uint64_t tensor_index, LocalCounts& local) {
-  const Bits* x = static_cast<const Bits*>(data);
-  auto count_span = [&](int64_t a, int64_t b) {
-    if (iv.whole) {
-      count_whole(x + a, b - a, key, iv, local);
-    } else {
-      count_interval(x + a, b - a, key, iv, local);
-    }
-  };
-  if (sample_log2 == 0) return count_span(first, last);
-  // Blocks are taken 64 at a time: their hashes make a 64-bit mask in vector code, the picked ones
-  // are counted, and the picks of the group two ahead are prefetched (picked blocks are far apart:
-  // reading them would otherwise wait on memory latency block after block).
+// Calls span(a, b) for the parts [a, b) of entries [first, last) of one tensor (the tensor_index-th
+// of the call) that lie in its sampled blocks. Blocks are taken 64 at a time: their hashes make a
+// 64-bit mask, and the picks of the group two ahead are prefetched (picked blocks are far apart:
+// reading them would otherwise wait on memory latency block after block).
+template <class SpanFn>
+void for_each_sampled_span(const char* base, int64_t elem_size, int64_t first, int64_t last, int64_t sample_log2,
+                           uint64_t tensor_index, SpanFn&& span) {
   constexpr int64_t kBlock = radix::kSampleBlock, kGroup = 64;
   const int64_t first_block = first / kBlock, end_block = (last + kBlock - 1) / kBlock;
   auto picks = [&](int64_t group_start) -> uint64_t {  // a group never straddles the 2^31 wrap of j
@@ -315,8 +611,8 @@ __attribute__((always_inline)) inline void count_piece_typed(const void* data, i
   };
   auto prefetch = [&](int64_t group_start, uint64_t bits) {
     for (; bits; bits &= bits - 1) {
-      const char* p = reinterpret_cast<const char*>(x + (group_start + __builtin_ctzll(bits)) * kBlock);
-      for (int64_t line = 0; line < kBlock * int64_t(sizeof(Bits)); line += 64) __builtin_prefetch(p + line);
+      const char* p = base + (group_start + __builtin_ctzll(bits)) * kBlock * elem_size;
+      for (int64_t line = 0; line < kBlock * elem_size; line += 64) __builtin_prefetch(p + line);
     }
   };
   const int64_t first_group = first_block & ~(kGroup - 1);
@@ -328,53 +624,47 @@ __attribute__((always_inline)) inline void count_piece_typed(const void* data, i
     prefetch(group + 2 * kGroup, ahead);
     for (uint64_t bits = now; bits; bits &= bits - 1) {
       const int64_t block = group + __builtin_ctzll(bits);
-      count_span(std::max(first, block * kBlock), std::min(last, (block + 1) * kBlock));
+      span(std::max(first, block * kBlock), std::min(last, (block + 1) * kBlock));
     }
     now = next;
     next = ahead;
   }
 }
 
-// Calls count_piece_typed with the key function for (gradient dtype, key format). Compiled per
-// ISA: the block tests are vector code.
-GMT_MULTIVERSION void count_piece_portable(at::ScalarType dtype, const std::string& format, const void* data,
-                                           int64_t first, int64_t last, const Interval& iv, int64_t sample_log2,
-                                           uint64_t tensor_index, LocalCounts& local) {
-  using at::ScalarType;
-#define GMT_COUNT(BITS, KEY) \
-  return count_piece_typed<BITS>(data, first, last, KEY{}, iv, sample_log2, tensor_index, local)
-  if (format == "f32") {
-    if (dtype == ScalarType::Float) GMT_COUNT(uint32_t, KeySameWidth32);
-    if (dtype == ScalarType::BFloat16) GMT_COUNT(uint16_t, KeyBFloat16InF32);
-    if (dtype == ScalarType::Half) GMT_COUNT(uint16_t, KeyHalfInF32);
-  } else if (format == "f16" && dtype == ScalarType::Half) {
-    GMT_COUNT(uint16_t, KeySameWidth16);
-  } else if (format == "bf16" && dtype == ScalarType::BFloat16) {
-    GMT_COUNT(uint16_t, KeySameWidth16);
-  } else if (format == "f64") {
-    if (dtype == ScalarType::Double) GMT_COUNT(uint64_t, KeySameWidth64);
-    if (dtype == ScalarType::Float) GMT_COUNT(uint32_t, KeyFloatInF64);
-    if (dtype == ScalarType::Half) GMT_COUNT(uint16_t, KeyHalfInF64);
-    if (dtype == ScalarType::BFloat16) GMT_COUNT(uint16_t, KeyBFloat16InF64);
-  }
-#undef GMT_COUNT
-  TORCH_CHECK(false, "unreachable: dtype/format pair was validated");
-}
+// The levels one call's passes run at, read once per call (cpu::kernel_level).
+struct PassLevels {
+  cpu::Level whole, interval, sample, f64;
+};
 
-// A full pass over an interval (the bracket and later passes: most of a step's reading) takes the
-// AVX-512 path where the CPU has it; samples and first passes, the portable one.
-void count_piece(at::ScalarType dtype, const std::string& format, const void* data, int64_t first, int64_t last,
-                 const Interval& iv, int64_t sample_log2, uint64_t tensor_index, LocalCounts& local) {
-#ifdef GMT_HAVE_AVX512_PATH
-  if (!iv.whole && sample_log2 == 0 && avx512_usable()) {
-    const Keys32 kind = keys32_kind(dtype, format);
-    if (kind != Keys32::kNone) {
-      const char* base = static_cast<const char*>(data) + first * at::elementSize(dtype);
-      return count_interval_avx512(kind, base, last - first, iv, local);
-    }
+// Entries [first, last) of one tensor, or only those of its sampled blocks when sample_log2 > 0.
+void count_piece(const PassLevels& levels, at::ScalarType dtype, const std::string& format, const void* data,
+                 int64_t first, int64_t last, const Interval& iv, int64_t sample_log2, uint64_t tensor_index,
+                 LocalCounts& local) {
+  const Keys32 kind = keys32_kind(dtype, format);
+  const cpu::Level level = kind == Keys32::kNone ? levels.f64
+                           : sample_log2 > 0     ? levels.sample
+                           : iv.whole            ? levels.whole
+                                                 : levels.interval;
+  const char* base = static_cast<const char*>(data);
+  const int64_t elem_size = at::elementSize(dtype);
+  auto run = [&](auto&& span) {
+    if (sample_log2 == 0) return span(first, last);
+    for_each_sampled_span(base, elem_size, first, last, sample_log2, tensor_index, span);
+  };
+  if (level != cpu::Level::kDefault) {
+    return run([&](int64_t a, int64_t b) { count_span_vector(level, kind, base + a * elem_size, b - a, iv, local); });
   }
-#endif
-  count_piece_portable(dtype, format, data, first, last, iv, sample_log2, tensor_index, local);
+  with_key_function(dtype, format, [&](auto bits_tag, auto key) {
+    using Bits = decltype(bits_tag);
+    const Bits* x = static_cast<const Bits*>(data);
+    run([&](int64_t a, int64_t b) {
+      if (iv.whole) {
+        count_whole(x + a, b - a, key, iv, local);
+      } else {
+        count_interval(x + a, b - a, key, iv, local);
+      }
+    });
+  });
 }
 
 bool format_holds(const std::string& format, at::ScalarType dtype) {
@@ -446,6 +736,9 @@ void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const a
   if (work.empty()) return;
   FlatIndex flat(sizes);
   int64_t* out = hist.data_ptr<int64_t>();
+  using cpu::Kernel;
+  const PassLevels levels{cpu::kernel_level(Kernel::kHistogramWhole), cpu::kernel_level(Kernel::kHistogramInterval),
+                          cpu::kernel_level(Kernel::kHistogramSample), cpu::kernel_level(Kernel::kHistogramF64)};
 
   at::parallel_for(0, flat.total(), kGrain, [&](int64_t begin, int64_t end) {
     LocalCounts local;
@@ -468,7 +761,7 @@ void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const a
           local.flush_into(out + row * kHistColumns);
           pending_entries = 0;
         }
-        count_piece(g.scalar_type(), format, g.data_ptr(), lo, hi, intervals[row], sample_log2,
+        count_piece(levels, g.scalar_type(), format, g.data_ptr(), lo, hi, intervals[row], sample_log2,
                     uint64_t(index_in_call[item]), local);
         pending_entries += hi - lo;
       }

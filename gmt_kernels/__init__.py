@@ -6,10 +6,10 @@ concatenating them. The contract is SEMANTICS.md (see README.md).
 """
 
 from . import ops  # noqa: F401  (defines the torch.ops.gmt_kernels.* schemas the backends implement)
-from .backends import available_backends
+from .backends import available_backends, backend_info
 from .optimizer import GMTAdamW
 from .drop import drop_deltas
 from .magnitude import magnitude_threshold
 
-__all__ = ["GMTAdamW", "magnitude_threshold", "drop_deltas", "available_backends"]
+__all__ = ["GMTAdamW", "magnitude_threshold", "drop_deltas", "available_backends", "backend_info"]
 __version__ = "0.1.0"

@@ -4,13 +4,17 @@ plus proof that a built extension is what backend="auto" runs on CPU.
 The behavioural suite (test_semantics.py) already runs every SEMANTICS.md rule on backend "cpu";
 these tests aim at what only a C++ kernel can get wrong: thread ranges that cross tensor
 boundaries, dense layouts that are not contiguous, every dtype / key-format pair, every flag of
-the update, and int32 counters. A missing extension fails this module at import, with the reason.
+the update, and int32 counters. The kernel tests run at every CPU capability level this machine
+has (the `capability` fixture; its id says which level ran, and each run checks that the C++
+dispatch really took that level); the reference results they compare with are computed once per
+case. A missing extension fails this module at import, with the reason.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -77,12 +81,28 @@ FORMAT_CASES = [  # (gradient dtypes, in order), their key format follows from r
 ]
 
 
-@pytest.fixture(params=["avx512", "portable"])
-def histogram_path(request, monkeypatch):
-    """The C++ histogram has an AVX-512 path (used where the CPU has it) and a portable one."""
-    if request.param == "portable":
-        monkeypatch.setenv("GMT_KERNELS_NO_AVX512", "1")
-    return request.param
+@pytest.fixture(params=cpu.supported_capabilities())
+def capability(request):
+    """Every CPU capability level this CPU and build can run (the C++ kernels have a variant per
+    level); a level the machine lacks is not collected (tests/test_cpu_capability.py checks that the
+    list matches the CPU's flags). Asserts that the dispatch takes the level, then runs the test at it."""
+    level = request.param
+    with cpu.use_cpu_capability(level):
+        kernels = cpu.kernel_capabilities()
+        assert {k: v for k, v in kernels.items() if k != "histogram_f64_keys"} == dict.fromkeys(
+            ["masked_adamw", "histogram_whole", "histogram_interval", "histogram_sample"], level
+        )
+        yield level
+
+
+_REFERENCE_RESULTS = {}
+
+
+def cached_reference(key, compute):
+    """The reference backend's result for one test case, computed once for all capability levels."""
+    if key not in _REFERENCE_RESULTS:
+        _REFERENCE_RESULTS[key] = compute()
+    return _REFERENCE_RESULTS[key]
 
 
 @pytest.fixture(params=["full", "sampled"])
@@ -96,14 +116,17 @@ def first_pass(request, monkeypatch):
 
 @pytest.mark.parametrize("dtypes", FORMAT_CASES, ids=lambda d: "+".join(str(t)[6:] for t in d))
 @pytest.mark.parametrize("case", ["normal", "wide", "nonfinite", "ties"])
-def test_histograms_equal_reference_every_pass(dtypes, case, histogram_path, first_pass):
+def test_histograms_equal_reference_every_pass(dtypes, case, capability, first_pass):
     gen = torch.Generator().manual_seed(1)
     grads = [scores(n, dtypes[i % len(dtypes)], case, gen) for i, n in enumerate(SIZES)]
     scope_of = [0, 1, 0, 1, 1, 0]
     fmt = radix.key_format_for(dtypes)
     ks = [radix.kept_count(SIZES[0] + SIZES[2] + SIZES[5], 0.3), radix.kept_count(SIZES[1] + SIZES[3] + SIZES[4], 0.9)]
     ours, our_state = run_passes(cpu, grads, scope_of, ks, fmt, torch.ops.gmt_kernels.radix_select)
-    theirs, their_state = run_passes(reference, grads, scope_of, ks, fmt, radix.select_bins)
+    theirs, their_state = cached_reference(
+        ("passes", tuple(dtypes), case, first_pass),
+        lambda: run_passes(reference, grads, scope_of, ks, fmt, radix.select_bins),
+    )
     for (state, hist), (ref_state, ref_hist) in zip(ours, theirs):
         assert torch.equal(state, ref_state)
         for row in range(len(ks)):
@@ -120,16 +143,18 @@ def test_histograms_equal_reference_every_pass(dtypes, case, histogram_path, fir
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_first_pass_counts_numpy_keys(dtype, histogram_path):
+def test_first_pass_counts_numpy_keys(dtype, capability):
     """Independent of the reference: bins, ABOVE and NONFINITE of keys computed by numpy, for the
-    whole key range (a first pass) and for an interval inside it."""
+    whole key range (a first pass) and for intervals inside it."""
     gen = torch.Generator().manual_seed(2)
     grads = [scores(n, dtype, case, gen) for n, case in zip(SIZES, ["wide", "nonfinite"] * 3)]
     fmt = radix.key_format_for([dtype])
     keys = np.concatenate([numpy_keys(g, fmt) for g in grads])
     finite = keys[keys < fmt.inf_key]
     lo, last = int(np.quantile(finite, 0.4)), int(np.quantile(finite, 0.45))
-    for interval in [(0, fmt.key_max), (lo, last)]:
+    # The whole range (a first pass), an interval inside it, and one from key 0 (exact zeros inside:
+    # the vector levels count zeros apart then).
+    for interval in [(0, fmt.key_max), (lo, last), (0, last)]:
         state = radix.initial_state([1], [len(keys)], [0], fmt)
         state[0, radix.SAMPLE] = 0
         state[0, radix.LO], state[0, radix.LAST] = interval
@@ -144,7 +169,7 @@ def test_first_pass_counts_numpy_keys(dtype, histogram_path):
         assert hist[0, radix.NONFINITE] == int((keys >= fmt.inf_key).sum())
 
 
-def test_sampled_pass_counts_the_hashed_blocks(histogram_path):
+def test_sampled_pass_counts_the_hashed_blocks(capability):
     """A sampled pass counts exactly the entries of the blocks radix.sampled_blocks picks, per
     tensor and by memory order, and nothing else."""
     gen = torch.Generator().manual_seed(7)
@@ -165,14 +190,14 @@ def test_sampled_pass_counts_the_hashed_blocks(histogram_path):
     assert torch.equal(hist[0, : radix.BINS], torch.bincount(keys >> shift, minlength=radix.BINS))
 
 
-def test_histogram_reads_strided_layouts_and_skips_done_scopes(histogram_path):
+def test_histogram_reads_strided_layouts_and_skips_done_scopes(capability):
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(300, 500, generator=gen)
     transposed = base.t()  # dense, not contiguous: read in memory order
     sliced = base[:, ::3]  # gappy: read through a copy
     fmt = radix.KEY_FORMATS[torch.float32]
     state = radix.initial_state([10, 10], [200000, 150000], [0, 0], fmt)
-    state[0, radix.LO], state[0, radix.SHIFT] = 1 << 29, 20  # an interval: the AVX-512 path
+    state[0, radix.LO], state[0, radix.SHIFT] = 1 << 29, 20  # an interval, not the whole range
     state[1, radix.DONE] = 1
     hist = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
     cpu.radix_histogram([transposed, sliced, base], [0, 0, 1], state, hist, key_format=fmt)
@@ -283,27 +308,38 @@ UPDATE_TOL = {torch.float32: (1e-6, 1e-7), torch.float64: (1e-13, 1e-15), torch.
               torch.bfloat16: (8e-3, 1e-6)}
 
 
-def assert_updates_match(dtype, flags, *, nan=False, threshold_dtype=None, layout=None):
-    gen = torch.Generator().manual_seed(4)
+def assert_updates_match(dtype, case, flags, *, nan=False, threshold_dtype=None, layout=None):
+    """The C++ update of update_inputs at the current capability level against the reference backend's
+    (computed once per case); returns the kept counts and the inputs the update started from."""
     amsgrad = flags.get("amsgrad", False)
     threshold_dtype = threshold_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
-    inputs = update_inputs(dtype, amsgrad=amsgrad, nan=nan, gen=gen, threshold_dtype=threshold_dtype)
-    ours = [[t.clone() for t in group] if isinstance(group, list) else group.clone() for group in inputs]
-    if layout is not None:
-        ours = layout(ours)
+
+    def fresh_inputs():
+        gen = torch.Generator().manual_seed(4)
+        return update_inputs(dtype, amsgrad=amsgrad, nan=nan, gen=gen, threshold_dtype=threshold_dtype)
+
     kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False,
                   mask_mode="grad", grad_scale=None, skip=None)
     kwargs.update(flags)
-    kept_ref = torch.zeros(len(SIZES), dtype=torch.int64)
+
+    def run_reference():
+        inputs, kept_ref = fresh_inputs(), torch.zeros(len(SIZES), dtype=torch.int64)
+        reference.masked_adamw(*inputs, kept_ref, **kwargs)
+        return inputs, kept_ref
+
+    expected_state, kept_ref = cached_reference(("update", dtype, case, nan, threshold_dtype), run_reference)
+    before = fresh_inputs()
+    ours = [[t.clone() for t in group] if isinstance(group, list) else group.clone() for group in before]
+    if layout is not None:
+        ours = layout(ours)
     kept = torch.full((len(SIZES),), 5, dtype=torch.int64)  # the op adds to it
-    reference.masked_adamw(*inputs, kept_ref, **kwargs)
     cpu.masked_adamw(*ours, kept, **kwargs)
     assert (kept - 5).tolist() == kept_ref.tolist()
     rtol, atol = UPDATE_TOL[dtype]
-    for name, mine, expected in zip(["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], ours, inputs):
+    for name, mine, expected in zip(["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], ours, expected_state):
         for i, (a, b) in enumerate(zip(mine, expected)):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}[{i}]: {m}")
-    return kept - 5
+    return kept - 5, before
 
 
 FLAG_CASES = {
@@ -320,22 +356,46 @@ FLAG_CASES = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("flags", list(FLAG_CASES.values()), ids=list(FLAG_CASES))
-def test_update_equals_reference(dtype, flags):
-    assert_updates_match(dtype, flags)
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_update_equals_reference(dtype, case, capability):
+    assert_updates_match(dtype, case, FLAG_CASES[case])
 
 
 @pytest.mark.parametrize("mask_mode", ["grad", "freeze"])
-def test_update_with_nan_and_inf_gradients(mask_mode):
-    kept = assert_updates_match(torch.float32, {"mask_mode": mask_mode, "amsgrad": True}, nan=True)
-    assert kept[2] > 0  # threshold +inf: only the NaN and inf entries of tensor 2... if any
-    assert kept[1] == SIZES[1]
+def test_update_with_nan_and_inf_gradients(mask_mode, capability):
+    kept, inputs = assert_updates_match(torch.float32, f"nan-{mask_mode}", {"mask_mode": mask_mode, "amsgrad": True},
+                                        nan=True)
+    grads, thresholds = inputs[1], inputs[6]
+    # Counted by numpy: entries with |g| >= threshold, or NaN (scores() puts a NaN at index 0 of
+    # every tensor, so tensor 2, one entry under a threshold of +inf, keeps exactly that one).
+    expected = [int(((np.abs(g.numpy()) >= float(t)) | np.isnan(g.numpy())).sum()) for g, t in zip(grads, thresholds)]
+    assert kept.tolist() == expected
+    assert expected[2] == 1 and 0 < expected[0] < SIZES[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_update_compares_in_float64_thresholds(dtype):
+def test_update_compares_in_float64_thresholds(dtype, capability):
     """A float32/float16 parameter of a float64 scope: |g| is compared in float64, as the reference."""
-    assert_updates_match(dtype, {"mask_mode": "freeze"}, threshold_dtype=torch.float64)
+    assert_updates_match(dtype, "f64-thresholds", {"mask_mode": "freeze"}, threshold_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float64_threshold_between_floats_keeps_what_a_float64_compare_keeps(dtype, capability):
+    """The kernels compare a float32-computed |g| with a float64 threshold through the least float
+    >= it; entries one ulp either side of thresholds that fall between, on and just above floats."""
+    base = torch.tensor(0.1, dtype=dtype)
+    below, above = (torch.nextafter(base, torch.tensor(x, dtype=dtype)) for x in (0.0, 1.0))
+    g = torch.stack([below, base, above, -below, -base, -above]).repeat(7)  # 42 entries: vector body and tail
+    f = float(base)
+    for t in [0.1, f, np.nextafter(f, 1.0), np.nextafter(f, 0.0), float(above), float("inf"), 0.0]:
+        kept = torch.zeros(1, dtype=torch.int64)
+        p, m, v = torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g)
+        cpu.masked_adamw([p], [g], [m], [v], [], [torch.tensor(1.0)], torch.tensor([t], dtype=torch.float64), kept,
+                         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                         mask_mode="freeze", grad_scale=None, skip=None)
+        expected = int((np.abs(g.double().numpy()) >= t).sum())
+        assert int(kept) == expected, f"threshold {t!r}"
+        assert int((m != 0).sum()) == expected  # freeze: exactly the kept entries moved
 
 
 def test_skip_changes_nothing_and_counts_nothing():
@@ -351,7 +411,7 @@ def test_skip_changes_nothing_and_counts_nothing():
     assert kept.sum() == 0
 
 
-def test_update_handles_layouts_that_differ_between_operands():
+def test_update_handles_layouts_that_differ_between_operands(capability):
     def mixed(groups):
         params, grads, m, v, vmax, steps, thresholds = groups
         # A channels-last-like layout for tensor 0 shared by all operands (dense, not contiguous),
@@ -366,7 +426,7 @@ def test_update_handles_layouts_that_differ_between_operands():
         grads[5] = transposed_copy(grads[5].clone())
         return [[relayout(t) for t in params], grads, m, v, vmax, steps, thresholds]
 
-    assert_updates_match(torch.float32, {"amsgrad": True}, layout=mixed)
+    assert_updates_match(torch.float32, "amsgrad", {"amsgrad": True}, layout=mixed)
 
 
 def test_update_writes_through_non_contiguous_parameters():

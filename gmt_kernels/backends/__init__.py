@@ -51,6 +51,9 @@ class Backend:
     # Device types for which "auto" picks this backend. The Triton interpreter can serve CPU tensors,
     # but only for testing: "auto" takes triton for CUDA tensors and the C++ kernels for CPU ones.
     auto_devices: tuple[str, ...] = ()
+    # Facts about how this backend runs here (the cpu backend: its CPU capability level), for
+    # backend_info().
+    info: Optional[Callable[[], dict]] = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -168,6 +171,20 @@ def describe_auto(device: torch.device, dtype: torch.dtype) -> str:
 def available_backends() -> dict[str, Optional[str]]:
     """Every backend name with None if it loaded, else the reason it did not."""
     return {name: _load(name) for name in BACKEND_NAMES[1:]}
+
+
+def backend_info() -> dict[str, dict]:
+    """available_backends() with details: for each backend, {"available": bool, "reason": why not or
+    None}, plus what a loaded backend reports about itself (cpu: "cpu_capability",
+    "supported_capabilities", "kernel_capabilities")."""
+    out = {}
+    for name, reason in available_backends().items():
+        entry = {"available": reason is None, "reason": reason}
+        backend = _REGISTRY.get(name)
+        if reason is None and backend is not None and backend.info is not None:
+            entry.update(backend.info())
+        out[name] = entry
+    return out
 
 
 def _import_backend_module(module: str) -> Callable[[], None]:

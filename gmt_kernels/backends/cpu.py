@@ -2,10 +2,19 @@
 operators gmt_kernels/ops.py defines (torch.ops.gmt_kernels.radix_histogram / masked_adamw).
 
 Importing this module fails (and "auto" falls back to the reference backend, saying why) when the
-extension was not built; backend="cpu" then raises with the same reason.
+extension was not built, or when GMT_KERNELS_CPU_CAPABILITY names a level this CPU cannot run;
+backend="cpu" then raises with the same reason.
+
+CPU capability levels: every kernel is compiled for AVX-512, AVX2 (+FMA, F16C), NEON (aarch64) and
+a portable "default" level, and runs the best one the CPU has, unless GMT_KERNELS_CPU_CAPABILITY
+(read when the extension loads, like torch's ATEN_CPU_CAPABILITY) or `set_cpu_capability` asks for
+a lower one. `kernel_capabilities()` is what the C++ dispatch itself reports.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
@@ -23,6 +32,52 @@ except ImportError as exc:
     ) from exc
 
 _OPS = torch.ops.gmt_kernels
+CAPABILITY_ENV = "GMT_KERNELS_CPU_CAPABILITY"
+CAPABILITY_LEVELS = ("avx512", "avx2", "neon", "default")  # every level any build knows, best first
+
+
+def supported_capabilities() -> list[str]:
+    """The levels this CPU and this build can run, best first, always ending with "default"."""
+    return list(_C.supported_capabilities())
+
+
+def cpu_capability() -> str:
+    """The level the kernels run at now."""
+    return _C.cpu_capability()
+
+
+def set_cpu_capability(level: str) -> None:
+    """Run the kernels at `level` from now on, in this process. ValueError (saying which levels are
+    possible) for an unknown level or one this CPU or build cannot run; the level is then unchanged."""
+    _C.set_cpu_capability(level)
+
+
+@contextlib.contextmanager
+def use_cpu_capability(level: str) -> Iterator[None]:
+    """set_cpu_capability(level) for the `with` block, then the previous level again."""
+    previous = cpu_capability()
+    set_cpu_capability(level)
+    try:
+        yield
+    finally:
+        set_cpu_capability(previous)
+
+
+def kernel_capabilities() -> dict[str, str]:
+    """For each C++ kernel, the level of the variant it runs at the current setting, as its own
+    dispatch reports it ("histogram_f64_keys": 64-bit keys, portable on every level)."""
+    return dict(_C.kernel_capabilities())
+
+
+def info() -> dict:
+    """What backend_info() reports for this backend."""
+    return {
+        "cpu_capability": cpu_capability(),
+        "supported_capabilities": supported_capabilities(),
+        "kernel_capabilities": kernel_capabilities(),
+    }
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -58,5 +113,6 @@ register(
         radix_histogram=radix_histogram,
         masked_adamw=masked_adamw,
         auto_devices=("cpu",),
+        info=info,
     )
 )
