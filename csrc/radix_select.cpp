@@ -23,9 +23,9 @@ int64_t bin_holding(const int64_t* h, int64_t rank) {
   return 0;
 }
 
-// Smallest s >= 0 with width >> s < kBins.
-int64_t shift_for(uint64_t width) {
-  const int64_t bit_length = width == 0 ? 0 : 64 - __builtin_clzll(width);
+// Smallest s >= 0 with width >> s < kBins; 0 for an empty interval (width < 0), as radix._shift_for.
+int64_t shift_for(int64_t width) {
+  const int64_t bit_length = width <= 0 ? 0 : 64 - __builtin_clzll(uint64_t(width));
   return std::max<int64_t>(0, bit_length - kRadixBits);
 }
 
@@ -77,7 +77,7 @@ void select_one(const int64_t* h, int64_t* s) {
   }
   s[LO] = new_lo;
   s[LAST] = new_last;
-  s[SHIFT] = shift_for(uint64_t(new_last - new_lo));
+  s[SHIFT] = shift_for(new_last - new_lo);
   s[SAMPLE] = 0;
 }
 

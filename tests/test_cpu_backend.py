@@ -229,49 +229,7 @@ def test_histogram_rejects_bad_arguments_with_reasons():
         ops.radix_histogram(g, [0], bad, hist, "f32")
 
 
-# --- radix_select: the C++ copy of radix.select_bins ----------------------------------------------
-
-
-def random_selection(gen, fmt, *, sampled: bool, slack: bool):
-    """A state of 64 scopes in various phases and a histogram consistent with it."""
-    scopes = 64
-    numels = torch.randint(1, 1 << 40, (scopes,), generator=gen).tolist()
-    ks = [int(torch.randint(0, n + 1, (), generator=gen)) for n in numels]
-    ks[:3] = [0, numels[1], 1]  # nothing kept, everything kept, one kept
-    slacks = [int(torch.randint(0, 1000, (), generator=gen)) if slack else 0 for _ in range(scopes)]
-    state = radix.initial_state(ks, numels, slacks, fmt)
-    state[:, radix.SAMPLE] = 3 if sampled else 0
-    if not sampled:  # later passes: intervals strictly inside the proven one, some one key wide
-        quarter = min(fmt.key_max // 4, 1 << 40)
-        lo = torch.randint(1, quarter, (scopes,), generator=gen)
-        width = torch.randint(0, quarter, (scopes,), generator=gen) >> torch.randint(0, 41, (scopes,), generator=gen)
-        state[:, radix.LO], state[:, radix.LAST] = lo, lo + width
-        state[:, radix.KNOWN_LO], state[:, radix.KNOWN_LAST] = lo // 2, lo + 2 * width + 1
-        state[:, radix.SHIFT] = ((width[:, None] >> torch.arange(64)) > 0).sum(-1).sub(radix.RADIX_BITS).clamp(min=0)
-    state[5, radix.DONE] = 1
-    hist = torch.zeros(scopes, radix.HIST_COLUMNS, dtype=torch.int64)
-    sparse = torch.rand(scopes, radix.BINS, generator=gen) < 0.05
-    hist[:, : radix.BINS] = torch.randint(0, 1 << 20, (scopes, radix.BINS), generator=gen) * sparse
-    hist[:, radix.ABOVE] = torch.randint(0, 1 << 30, (scopes,), generator=gen) * (~torch.tensor(sampled))
-    hist[7] = 0  # an empty sample / interval
-    bins = ((state[:, radix.LAST] - state[:, radix.LO]) >> state[:, radix.SHIFT]) + 1
-    hist[:, : radix.BINS] *= torch.arange(radix.BINS) < bins[:, None]  # nothing outside the interval
-    return hist, state
-
-
-@pytest.mark.parametrize("key_format", ["f16", "f32", "f64"])
-@pytest.mark.parametrize("phase", ["sampled", "exact", "approx"])
-def test_cpp_select_equals_select_bins(key_format, phase):
-    """csrc/radix_select.cpp and radix.select_bins take every scope to the same state, bit for bit."""
-    fmt = radix.KEY_FORMATS_BY_NAME[key_format]
-    gen = torch.Generator().manual_seed(8)
-    for _ in range(5):
-        hist, state = random_selection(gen, fmt, sampled=phase == "sampled", slack=phase == "approx")
-        expected = state.clone()
-        radix.select_bins(hist, expected, fmt.key_bits)
-        torch.ops.gmt_kernels.radix_select(hist, state, fmt.key_bits)
-        assert torch.equal(state, expected)
-        assert (state[:, radix.DONE] == 1).any() or phase == "sampled"
+# --- radix_select: the C++ copy of radix.select_bins (random states: test_select_kernels.py) ----
 
 
 def test_cpp_constants_match_radix_py():
