@@ -63,6 +63,8 @@ def machine_info(device: str) -> dict:
         triton=_version("triton"),
         python=platform.python_version(),
         gmt_kernels=gmt_kernels.__version__,
+        # the CPU capability level the C++ kernels run at (None without the extension)
+        gmt_kernels_cpu_level=gmt_kernels.backend_info().get("cpu", {}).get("cpu_capability"),
         commit=_commit(),
         platform=platform.platform(),
         load_average_start=os.getloadavg(),
@@ -73,6 +75,8 @@ def describe(machine: dict) -> str:
     text = f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
     if machine["gpu"]:
         text += f", {machine['gpu']}"
+    if machine.get("gmt_kernels_cpu_level"):
+        text += f"; C++ kernels at CPU level {machine['gmt_kernels_cpu_level']}"
     return f"{text}; torch {machine['torch']}, triton {machine['triton']}"
 
 
