@@ -194,11 +194,17 @@ def sampled_blocks(block: torch.Tensor, tensor_index: int, log2) -> torch.Tensor
     return (h >> (32 - log2)) == 0
 
 
+def first_pass_sample_log2(numel: int, k: int) -> int:
+    """SAMPLE of a scope's first pass: sample_log2, except that a scope keeping nothing (k = 0,
+    threshold +inf) needs no bracket, only one full pass that counts its non-finite entries."""
+    return sample_log2(numel) if k > 0 else 0
+
+
 def initial_state(ks, numels, slacks, fmt: KeyFormat) -> torch.Tensor:
     """State [scopes, STATE_COLUMNS] (on the CPU) before the first pass: the whole key range, a
     sampled first pass for large scopes. ks, numels, slacks: per scope, Python ints."""
-    rows = [  # k = 0 needs no bracket (its threshold is +inf): one full pass counts the non-finite
-        [0, fmt.key_max, fmt.key_bits - RADIX_BITS, sample_log2(n) if k > 0 else 0, 0, k, n, slack, 0, fmt.key_max]
+    rows = [
+        [0, fmt.key_max, fmt.key_bits - RADIX_BITS, first_pass_sample_log2(n, k), 0, k, n, slack, 0, fmt.key_max]
         for k, n, slack in zip(ks, numels, slacks)
     ]
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), STATE_COLUMNS)
@@ -283,9 +289,8 @@ def result_keys(state: torch.Tensor) -> torch.Tensor:
 def max_passes(fmt: KeyFormat, numels, ks=None) -> int:
     """Passes of a selection over scopes of these sizes, and these k if given (known on the host:
     no sync). Scopes that all keep nothing (k = 0: only counted for NaN/inf) need one pass."""
-    if ks is not None:
-        if all(k == 0 for k in ks):
-            return 1
-        numels = [n for n, k in zip(numels, ks) if k > 0]
-    return fmt.passes(any(sample_log2(int(n)) > 0 for n in numels))
+    if ks is not None and all(k == 0 for k in ks):
+        return 1
+    ks = [1] * len(numels) if ks is None else ks  # k unknown: as if every scope kept something
+    return fmt.passes(any(first_pass_sample_log2(int(n), k) > 0 for n, k in zip(numels, ks)))
 

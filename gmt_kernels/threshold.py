@@ -51,7 +51,7 @@ def select_thresholds(
     process_group=None,
 ) -> Selection:
     initial, sampled_first = _initial_state(scopes, key_format, primary)
-    any_sampled = any(radix.sample_log2(s.numel) > 0 and s.k > 0 for s in scopes)  # as radix.initial_state
+    any_sampled = any(radix.first_pass_sample_log2(s.numel, s.k) > 0 for s in scopes)
     state = initial.clone()  # the one copy a step makes of it, device to device
 
     # Work lists per (device, backend): the gradients and the state row of each one's scope.
