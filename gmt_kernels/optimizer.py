@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import radix
 from .backends import Backend, check_backend_name, resolve
+from .device_constants import DeviceConstants
 from .threshold import Scope, select_thresholds
 
 SCOPES = ("global", "group", "tensor")
@@ -605,20 +606,12 @@ def _use_local_shards(batches: list[_Batch]) -> None:
         batch.states = [{key: _local(value) for key, value in state.items()} for state in batch.states]
 
 
-_INDEX_CACHE_SIZE = 64
-_index_cache: dict = {}
+_scope_indices = DeviceConstants()
 
 
 def _device_index(rows: tuple, device: torch.device) -> Tensor:
-    """The int64 tensor `rows` on `device`, copied from the host once per distinct value (a
-    steady-state step then takes no host data: CUDA-graph capturable). Never written in place."""
-    key = (device, rows)
-    index = _index_cache.get(key)
-    if index is None:
-        if len(_index_cache) >= _INDEX_CACHE_SIZE:
-            _index_cache.pop(next(iter(_index_cache)))
-        index = _index_cache[key] = torch.tensor(rows, dtype=torch.int64).to(device)
-    return index
+    """The int64 tensor `rows` on `device`, copied from the host once per distinct value."""
+    return _scope_indices.get((device, rows), lambda: torch.tensor(rows, dtype=torch.int64).to(device))
 
 
 class _PerDevice:

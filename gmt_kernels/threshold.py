@@ -15,7 +15,6 @@ zeroed histogram rows, one allocation per step (small scope counts), else three 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,6 +22,7 @@ import torch
 
 from . import ops, radix  # noqa: F401  (ops defines torch.ops.gmt_kernels.*)
 from .backends import Backend
+from .device_constants import DeviceConstants
 
 
 @dataclass
@@ -106,23 +106,16 @@ def select_thresholds(
 
 
 _HIST_ROWS_AT_ONCE = 64  # 2 MiB
-_INITIAL_CACHE_SIZE = 64
-_initial_cache: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+_initial_states = DeviceConstants()
 
 
 def _initial_state(scopes: Sequence[Scope], key_format: radix.KeyFormat, primary: torch.device):
     """(radix.initial_state, whether each scope's first pass is a sample) on the primary device,
-    built on the host and copied once per set of scope sizes; later steps reuse the device copy.
-    The cached tensors are never written (a step clones the state)."""
-    key = (primary, key_format.name, tuple((s.k, s.numel, s.slack) for s in scopes))
-    hit = _initial_cache.get(key)
-    if hit is not None:
-        _initial_cache.move_to_end(key)
-        return hit
-    host_state = radix.initial_state([s.k for s in scopes], [s.numel for s in scopes], [s.slack for s in scopes], key_format)
-    hit = (host_state.to(primary), (host_state[:, radix.SAMPLE] > 0).to(primary))
-    _initial_cache[key] = hit
-    if len(_initial_cache) > _INITIAL_CACHE_SIZE:
-        _initial_cache.popitem(last=False)
-    return hit
+    built on the host and copied once per set of scope sizes; later steps reuse the device copy
+    (a step clones the state)."""
 
+    def make():
+        host_state = radix.initial_state([s.k for s in scopes], [s.numel for s in scopes], [s.slack for s in scopes], key_format)
+        return host_state.to(primary), (host_state[:, radix.SAMPLE] > 0).to(primary)
+
+    return _initial_states.get((primary, key_format.name, tuple((s.k, s.numel, s.slack) for s in scopes)), make)

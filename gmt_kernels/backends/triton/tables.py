@@ -24,9 +24,10 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from ...device_constants import DeviceConstants
+
 # Columns of the tables are fixed per kernel; the numel and first-chunk columns come last.
-_CACHE_SIZE = 256
-_cache: "OrderedDict[tuple, LaunchTable]" = OrderedDict()
+_tables = DeviceConstants(256)
 
 
 class LaunchTable(NamedTuple):
@@ -37,33 +38,20 @@ class LaunchTable(NamedTuple):
 
 def launch_table(rows: Sequence[tuple[int, ...]], numels: Sequence[int], chunk: int, device: torch.device) -> LaunchTable:
     """The table for tensors with these per-tensor integer columns and sizes (numel > 0 each)."""
-    key = (device, chunk, tuple(rows), tuple(numels))
-    hit = _cache.get(key)
-    if hit is not None:
-        _cache.move_to_end(key)
-        return hit
-    # The chunk owners (4 bytes per chunk: the large part) depend on the sizes only, so tensors that
-    # move (new gradient storage every step) copy just their small [n, columns] table again.
-    owner, first = _cached(_owner_cache, (device, chunk, tuple(numels)), lambda: _chunk_owner(numels, chunk, device))
-    table = torch.cat(
-        [torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1),
-         torch.tensor(numels, dtype=torch.int64)[:, None], first[:, None]], dim=1)
-    result = LaunchTable(_to_device(table.contiguous(), device), owner, int(owner.numel()))
-    return _cached(_cache, key, lambda: result)
+
+    def build() -> LaunchTable:
+        # The chunk owners (4 bytes per chunk: the large part) depend on the sizes only, so tensors
+        # that move (new gradient storage every step) copy just their small [n, columns] table again.
+        owner, first = _owners.get((device, chunk, tuple(numels)), lambda: _chunk_owner(numels, chunk, device))
+        table = torch.cat(
+            [torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1),
+             torch.tensor(numels, dtype=torch.int64)[:, None], first[:, None]], dim=1)
+        return LaunchTable(_to_device(table.contiguous(), device), owner, int(owner.numel()))
+
+    return _tables.get((device, chunk, tuple(rows), tuple(numels)), build)
 
 
-_owner_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
-
-
-def _cached(cache: OrderedDict, key, build):
-    hit = cache.get(key)
-    if hit is None:
-        hit = cache[key] = build()
-        if len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return hit
+_owners = DeviceConstants(256)
 
 
 def _chunk_owner(numels, chunk: int, device: torch.device) -> tuple:
@@ -115,10 +103,10 @@ def sample_list(numels: Sequence[int], indexes: Sequence[int], log2s: Sequence[i
             blocks = torch.zeros(1, dtype=torch.int32)  # a valid pointer
         return SampleList(_to_device(table.contiguous(), device), _to_device(blocks, device), len(items))
 
-    return _cached(_sample_cache, (device, block, per_item, tuple(numels), tuple(indexes), tuple(log2s)), build)
+    return _sample_lists.get((device, block, per_item, tuple(numels), tuple(indexes), tuple(log2s)), build)
 
 
-_sample_cache: "OrderedDict[tuple, SampleList]" = OrderedDict()
+_sample_lists = DeviceConstants(256)
 
 
 def is_aligned(*tensors: torch.Tensor) -> bool:
