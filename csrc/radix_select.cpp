@@ -29,6 +29,9 @@ int64_t shift_for(int64_t width) {
   return std::max<int64_t>(0, bit_length - kRadixBits);
 }
 
+// radix.zero_key_start: an interval [0, last] is histogrammed from key 1 (zeros are one key).
+int64_t zero_key_start(int64_t lo, int64_t last) { return lo == 0 && last > 0 ? 1 : lo; }
+
 void select_one(const int64_t* h, int64_t* s) {
   const int64_t lo = s[LO], last = s[LAST], shift = s[SHIFT], k = s[K];
   auto bin_lo = [&](int64_t digit) { return lo + (digit << shift); };
@@ -68,6 +71,7 @@ void select_one(const int64_t* h, int64_t* s) {
       new_last = bin_last(digit);
       finished = shift == 0 || h[digit] <= s[SLACK];
     }
+    finished = finished || new_lo == new_last;  // the counts prove a single key (e.g. 0)
     if (finished) {
       s[DONE] = 1;
     } else {
@@ -75,6 +79,7 @@ void select_one(const int64_t* h, int64_t* s) {
       s[KNOWN_LAST] = new_last;
     }
   }
+  if (!s[DONE]) new_lo = zero_key_start(new_lo, new_last);
   s[LO] = new_lo;
   s[LAST] = new_last;
   s[SHIFT] = shift_for(new_last - new_lo);

@@ -9,7 +9,9 @@ every entry of the scope, (key - LO) >> SHIFT if LO <= key <= LAST (at most BINS
 the entries above LAST (column ABOVE) and the non-finite ones (column NONFINITE). `select_bins`
 then narrows the interval to the bin that holds the k-th largest key. With LO = 0 and SHIFT =
 key_bits - 12 this is the first pass of a 12-bit radix select (AIR top-k and CUB use 11); each
-later pass divides the interval by 2**12.
+later pass divides the interval by 2**12. Exact zeros (half of a language model's gradient entries)
+are one key and never binned: an interval [0, LAST] is histogrammed from key 1, and a threshold of
+0 is proven by the count of entries >= 1 (`zero_key_start`).
 
 The first pass may be a *sample*: scopes of 2**18 entries or more count only the entries of
 hash-picked blocks of SAMPLE_BLOCK entries (1/2 .. 1/32 of them), which costs a fraction of a full
@@ -202,11 +204,13 @@ def first_pass_sample_log2(numel: int, k: int) -> int:
 
 def initial_state(ks, numels, slacks, fmt: KeyFormat) -> torch.Tensor:
     """State [scopes, STATE_COLUMNS] (on the CPU) before the first pass: the whole key range, a
-    sampled first pass for large scopes. ks, numels, slacks: per scope, Python ints."""
-    rows = [
-        [0, fmt.key_max, fmt.key_bits - RADIX_BITS, first_pass_sample_log2(n, k), 0, k, n, slack, 0, fmt.key_max]
-        for k, n, slack in zip(ks, numels, slacks)
-    ]
+    sampled first pass for large scopes. ks, numels, slacks: per scope, Python ints. A full first
+    pass histograms from key 1 (see `zero_key_start`); a sample counts every entry, zeros included,
+    since its bracket scales ranks by the number of entries it counted."""
+    rows = []
+    for k, n, slack in zip(ks, numels, slacks):
+        sample = first_pass_sample_log2(n, k)
+        rows.append([0 if sample else 1, fmt.key_max, fmt.key_bits - RADIX_BITS, sample, 0, k, n, slack, 0, fmt.key_max])
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), STATE_COLUMNS)
 
 
@@ -266,11 +270,14 @@ def select_bins(hist: torch.Tensor, state: torch.Tensor, key_bits: int) -> None:
     found_lo = torch.where(up, last + 1, torch.where(down, known_lo, bin_lo(digit)))
     found_last = torch.where(up, known_last, torch.where(down, lo - 1, bin_last(digit)))
     inside = ~up & ~down
-    finished = (k == 0) | (inside & ((shift == 0) | (in_bin <= slack)))
+    # Done: k = 0; the k-th largest in a bin holding at most SLACK entries; or proven to be one key
+    # (a bin one key wide, or the counts above / below the interval: key 0, see zero_key_start).
+    finished = (k == 0) | (inside & ((shift == 0) | (in_bin <= slack))) | (found_lo == found_last)
 
     new_lo = torch.where(sampled, bracket_lo, found_lo)
     new_last = torch.where(sampled, bracket_last, found_last)
     moving = active & ~(~sampled & (k == 0))  # a finished scope's LO is its threshold key
+    new_lo = torch.where(sampled | ~finished, zero_key_start(new_lo, new_last), new_lo)
     state[:, LO] = torch.where(moving, new_lo, lo)
     state[:, LAST] = torch.where(moving, new_last, last)
     state[:, SHIFT] = torch.where(moving, _shift_for(state[:, LAST] - state[:, LO]), shift)
@@ -279,6 +286,15 @@ def select_bins(hist: torch.Tensor, state: torch.Tensor, key_bits: int) -> None:
     state[:, KNOWN_LAST] = torch.where(refined & ~finished, found_last, known_last)
     state[:, DONE] |= (refined & finished).to(torch.int64)
     state[:, SAMPLE] = torch.where(active, 0, state[:, SAMPLE])
+
+
+def zero_key_start(lo, last):
+    """Where the next pass's histogram starts for the interval [lo, last]: key 1 instead of 0 when
+    the interval holds more than key 0. A score of exactly 0 is one key, and gradients often hold
+    many (embedding rows of tokens not in the batch); binned with tiny scores they fill one bin that
+    no slack accepts, costing another pass. Left out of the bins, they are still accounted for: a
+    full pass that finds fewer than k entries >= 1 proves the threshold is 0 (interval [0, 0])."""
+    return torch.where((lo == 0) & (last > 0), torch.ones_like(lo), lo)
 
 
 def result_keys(state: torch.Tensor) -> torch.Tensor:

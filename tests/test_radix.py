@@ -136,3 +136,24 @@ def test_exactly_k_entries_above_the_bracket(exact):
     slack = radix.rank_slack(N, exact)
     assert kth_largest([data], k + slack) <= threshold <= kth_largest([data], k - slack)
     assert chosen[0] == bracket[1] + 1  # proven above the bracket: the interval moved up
+
+
+@pytest.mark.parametrize("n", [N, 5000], ids=["sampled", "full_first_pass"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_threshold_on_exact_zeros_takes_one_full_pass(n, exact):
+    """Half the entries exactly 0 and 30 % masked: the k-th largest is 0. The zeros are one key and
+    are never binned (radix.zero_key_start), so the first full pass proves the threshold 0 from the
+    count of entries >= 1, in approx and exact mode alike; scores spread over decades above 0 do not
+    make it take a second pass (binned with the zeros, they would)."""
+    g = torch.Generator().manual_seed(2)
+    data = torch.where(torch.rand(n, generator=g) < 0.5, 0.0, torch.rand(n, generator=g) * 10.0 ** -torch.randint(0, 40, (n,), generator=g))
+    threshold, passes, bracket, _ = trace([data[: n // 2], data[n // 2 :]], 0.3, exact)
+    assert threshold == 0.0 == kth_largest([data], radix.kept_count(n, 0.3))
+    sampled = radix.sample_log2(n) > 0
+    assert passes == (2 if sampled else 1)
+    assert bracket[0] == 1  # the full pass left the zeros out of its bins
+
+
+def test_zero_key_start_keeps_single_keys_and_intervals_above_zero():
+    lo, last = torch.tensor([0, 0, 5, 1]), torch.tensor([0, 9, 9, 1])
+    assert radix.zero_key_start(lo, last).tolist() == [0, 1, 5, 1]

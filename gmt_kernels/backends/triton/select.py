@@ -75,6 +75,7 @@ def radix_select_kernel(
             if bottom_rank <= counted:
                 bottom = _bin_holding(from_top, digits, tl.maximum(bottom_rank, 1))
                 new_lo = lo + (bottom.to(tl.int64) << shift)
+        new_lo = _zero_key_start(new_lo, new_last)
         tl.store(s, new_lo)
         tl.store(s + 1, new_last)
         tl.store(s + 2, _shift_for(new_last - new_lo))
@@ -94,17 +95,24 @@ def radix_select_kernel(
         elif down:
             found_lo = known_lo
             found_last = lo - 1
-        finished = (k == 0) | (~up & ~down & ((shift == 0) | (in_bin <= slack)))
+        finished = (k == 0) | (~up & ~down & ((shift == 0) | (in_bin <= slack))) | (found_lo == found_last)
         if k != 0:  # a finished scope's LO is its threshold key; with k = 0 the row stays put
-            tl.store(s, found_lo)
+            next_lo = tl.where(finished, found_lo, _zero_key_start(found_lo, found_last))
+            tl.store(s, next_lo)
             tl.store(s + 1, found_last)
-            tl.store(s + 2, _shift_for(found_last - found_lo))
+            tl.store(s + 2, _shift_for(found_last - next_lo))
         if finished:
             tl.store(s + 4, 1)
         else:
             tl.store(s + 8, found_lo)
             tl.store(s + 9, found_last)
     tl.store(s + 3, 0)
+
+
+@triton.jit
+def _zero_key_start(lo, last):
+    """radix.zero_key_start: an interval [0, last] is histogrammed from key 1."""
+    return tl.where((lo == 0) & (last > 0), 1, lo).to(tl.int64)
 
 
 @triton.jit
