@@ -262,7 +262,8 @@ class GMTAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch.optim.AdamW's state_dict; every param group also carries "gmt": a snapshot of
-        skipped_steps and the last mask_stats(). They ride in the param groups because
+        skipped_steps, the last mask_stats() and the mask schedule (selections, since_selection);
+        stored masks are per-parameter state "gmt_mask". They ride in the param groups because
         torch.distributed.checkpoint keeps only "state" and "param_groups" (and every group, so that
         each is complete on its own); torch.optim.AdamW loads the groups and ignores the key."""
         state_dict = super().state_dict()
