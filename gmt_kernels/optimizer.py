@@ -433,11 +433,15 @@ class GMTAdamW(torch.optim.Optimizer):
 
     def _advance_schedule(self, due: Optional[Tensor], skip: Optional[Tensor]):
         """After the update: selections += due & ~skip; since_selection = 1 after a selection, + 1
-        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip), a 0-d bool or True."""
+        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip), a 0-d bool or True.
+        With refresh_every=1 only the random criterion's selection number is counted (nothing else
+        reads the schedule there)."""
         since = self._gmt["since_selection"]
         if due is None:  # refresh_every=1: every step that is not skipped selects
             refreshed = True if skip is None else ~skip
-            advanced = torch.ones_like(since)
+            if self.criterion == "random":  # the only reader of the count (its selection number)
+                self._gmt["selections"] += 1 if skip is None else refreshed.to(torch.int64)
+            return refreshed  # (no launches for a count nothing reads: GMT's step stays as lean as before)
         else:
             refreshed = due if skip is None else due & ~skip
             advanced = torch.where(due, torch.ones_like(since), since + 1)
