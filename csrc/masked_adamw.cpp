@@ -64,10 +64,11 @@ struct UpdateFlags {
 
 enum class ParamKind { kFloat, kBFloat16, kHalf, kDouble };
 
-// Where a tensor's keep bits come from. kGradOverWeightWide: a float64 score of lower-precision
-// tensors (a scope in the f64 key format), scored one entry at a time, as the histogram scores
-// 64-bit keys.
-enum class KeepKind { kGrad, kGradOverWeight, kGradOverWeightWide, kRandom, kStored };
+// Where a tensor's keep bits come from. kGradOverWeightOther: grad_over_weight in a compute type
+// other than the tensor's (float64 scores of lower-precision tensors in a scope of the f64 key
+// format, or float32 scores of float64 tensors given float32 thresholds), one entry at a time, as
+// the histogram scores 64-bit keys.
+enum class KeepKind { kGrad, kGradOverWeight, kGradOverWeightOther, kRandom, kStored };
 
 struct KeepRule {
   KeepKind kind = KeepKind::kGrad;
@@ -75,6 +76,7 @@ struct KeepRule {
   double threshold_d = 0, eps_d = 0;
   uint32_t random_key = 0, random_bound = 0;  // kept iff u >= random_bound
   bool random_none = false;                   // the threshold is above every u: none kept
+  bool score_in_double = false;               // kGradOverWeightOther: float64 (else float32) scores
   template <class T>
   T threshold() const {
     if constexpr (std::is_same_v<T, float>) return threshold_f; else return threshold_d;
@@ -85,20 +87,21 @@ struct KeepRule {
   }
 };
 
-template <class P>
-inline double widen(const P* x) {
+// x in compute type C (rounded to nearest when C is narrower).
+template <class C, class P>
+inline C convert(const P* x) {
   if constexpr (std::is_same_v<P, double>) {
-    return *x;
+    return static_cast<C>(*x);
   } else {
-    return double(simd::Scalar<float>::load(x));
+    return static_cast<C>(simd::Scalar<float>::load(x));
   }
 }
 
-template <class P>
-uint64_t score_word_wide(const P* g, const P* theta, int count, double threshold, double eps) {
+template <class C, class P>
+uint64_t score_word_as(const P* g, const P* theta, int count, C threshold, C eps) {
   uint64_t word = 0;
   for (int j = 0; j < count; ++j) {
-    const double s = std::abs(widen(g + j)) / (std::abs(widen(theta + j)) + eps);
+    const C s = std::abs(convert<C>(g + j)) / (std::abs(convert<C>(theta + j)) + eps);
     word |= uint64_t(s >= threshold || s != s) << j;
   }
   return word;
@@ -247,10 +250,11 @@ MaskRows mask_rows(const at::Tensor& param, const at::Tensor& mask, size_t i) {
   return rows;
 }
 
-// Calls run(local_first, count, bytes, partial) for the runs of entries [first, last) of one
-// tensor: each lies in one row and starts on a byte boundary (bytes: its first byte), or lies in
-// one byte (partial: then bytes is that byte and the run starts at bit local_first % ... of it).
-// Partial runs are handled by the caller through a staging byte.
+// Calls run(at, count, bytes, offset, own, whole_byte) for the runs of entries [first, last) of
+// one tensor. Each run lies in one row and either starts on a byte boundary and covers whole bytes
+// (offset -1; bytes: its first byte), or lies in one byte (bytes) from bit `offset`: then `own`
+// holds the bits of that byte no other thread's range writes (the run's, and the padding after
+// the row's last column), and whole_byte says whether that is all of its bits.
 template <class Fn>
 void for_each_mask_run(const MaskRows& rows, int64_t first, int64_t last, Fn&& run) {
   for (int64_t e = first; e < last;) {
@@ -273,6 +277,53 @@ void for_each_mask_run(const MaskRows& rows, int64_t first, int64_t last, Fn&& r
       }
     }
     e += col_end - col;
+  }
+}
+
+// Short rows (fewer than kShortRow entries, not a multiple of 8; a 1-D tensor has rows of one
+// entry, one byte each): runs would be an entry or a few long, so blocks of entries are staged
+// instead as dense bits (bit j: entry first + j), copied from and to the rows one entry at a time.
+constexpr int64_t kShortRow = 64, kStagedEntries = 4096;
+
+bool short_rows(const MaskRows& rows) { return rows.inner < kShortRow && rows.inner % 8 != 0; }
+
+void gather_bits(const MaskRows& rows, int64_t first, int64_t count, uint8_t* dense) {
+  std::memset(dense, 0, size_t((count + 7) / 8));
+  int64_t r = first / rows.inner, c = first % rows.inner;
+  for (int64_t j = 0; j < count; ++j) {
+    dense[j >> 3] |= uint8_t(((rows.bytes[r * rows.row_bytes + (c >> 3)] >> (c & 7)) & 1) << (j & 7));
+    if (++c == rows.inner) {
+      c = 0;
+      ++r;
+    }
+  }
+}
+
+// Each byte takes the bits of its columns in [first, first + count), and its padding (zero) when
+// its row's last column is among them; a byte with bits outside the block (another thread's, or
+// the next block's) is merged atomically.
+void scatter_bits(const MaskRows& rows, int64_t first, int64_t count, const uint8_t* dense) {
+  int64_t r = first / rows.inner, c = first % rows.inner;
+  for (int64_t j = 0; j < count;) {
+    const int64_t stop = std::min({rows.inner, (c / 8 + 1) * 8, c + (count - j)});
+    uint32_t bits = 0, own = 0;
+    for (int64_t x = c; x < stop; ++x, ++j) {
+      bits |= uint32_t((dense[j >> 3] >> (j & 7)) & 1) << (x & 7);
+      own |= 1u << (x & 7);
+    }
+    if (stop == rows.inner) own |= (0xFFu << (stop & 7 ? stop & 7 : 8)) & 0xFFu;
+    uint8_t* byte = rows.bytes + r * rows.row_bytes + c / 8;
+    if (own == 0xFFu) {
+      *byte = uint8_t(bits);
+    } else {
+      __atomic_fetch_and(byte, uint8_t(~own), __ATOMIC_RELAXED);
+      __atomic_fetch_or(byte, uint8_t(bits), __ATOMIC_RELAXED);
+    }
+    c = stop;
+    if (c == rows.inner) {
+      c = 0;
+      ++r;
+    }
   }
 }
 
@@ -313,8 +364,8 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
               mask.masks.size(), " tensors for ", n, " parameters; pass one stored mask per parameter, or none.");
   const bool has_masks = !mask.masks.empty();
   const bool reuse = mask.refresh.has_value() && !mask.refresh->item<bool>();
-  TORCH_CHECK(!reuse || has_masks || n == 0, "gmt_kernels::masked_adamw: refresh is false (reuse the stored masks) ",
-              "but no masks were given; pass the stored masks, or refresh=None/true to score.");
+  TORCH_CHECK(!mask.refresh.has_value() || has_masks, "gmt_kernels::masked_adamw: refresh was given without stored ",
+              "masks to read or write; pass the masks (one per parameter), or refresh=None when none are stored.");
   if (options.skip.has_value() && options.skip->item<bool>()) return;  // a skipped step changes nothing at all
 
   const bool needs_rows = criterion == Criterion::kRandom || has_masks;
@@ -384,8 +435,11 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     if (reuse) {
       rule.kind = KeepKind::kStored;
     } else if (criterion == Criterion::kGradOverWeight) {
-      rule.kind = wide_scores && params[i].scalar_type() != at::kDouble ? KeepKind::kGradOverWeightWide
-                                                                         : KeepKind::kGradOverWeight;
+      // Scored in the thresholds' dtype (the key format's), lanes of the tensor's own compute type
+      // when they agree.
+      rule.score_in_double = wide_scores;
+      rule.kind = wide_scores == (params[i].scalar_type() == at::kDouble) ? KeepKind::kGradOverWeight
+                                                                          : KeepKind::kGradOverWeightOther;
     } else if (criterion == Criterion::kRandom) {
       rule.kind = KeepKind::kRandom;
       rule.random_key = mask.scoring.random_key(i);
@@ -421,6 +475,20 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       int64_t count = 0;
       if (!has_masks) {
         count = run_piece(level, kind, piece_at(first, last - first), coeffs_f[i], coeffs_d[i], rules[i], flags);
+      } else if (short_rows(rows[i])) {
+        uint8_t staged[kStagedEntries / 8];
+        for (int64_t at = first; at < last; at += kStagedEntries) {
+          const int64_t len = std::min(kStagedEntries, last - at);
+          Piece piece = piece_at(at, len);
+          if (reuse) {
+            gather_bits(rows[i], at, len, staged);
+            piece.read_bits = staged;
+          } else {
+            piece.write_bits = staged;
+          }
+          count += run_piece(level, kind, piece, coeffs_f[i], coeffs_d[i], rules[i], flags);
+          if (write_masks) scatter_bits(rows[i], at, len, staged);
+        }
       } else {
         for_each_mask_run(rows[i], first, last, [&](int64_t at, int64_t len, uint8_t* bytes, int offset, uint8_t own,
                                                      bool whole_byte) {

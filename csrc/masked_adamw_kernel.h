@@ -63,8 +63,9 @@ GMT_INLINE uint64_t keep_word(const KeepRule& rule, const P* g, const P* theta, 
       return score_word<V, P, false>(g, theta, count, rule.threshold<T>(), T(0));
     case KeepKind::kGradOverWeight:
       return score_word<V, P, true>(g, theta, count, rule.threshold<T>(), rule.eps<T>());
-    case KeepKind::kGradOverWeightWide:
-      return score_word_wide(g, theta, count, rule.threshold_d, rule.eps_d);
+    case KeepKind::kGradOverWeightOther:
+      return rule.score_in_double ? score_word_as<double>(g, theta, count, rule.threshold_d, rule.eps_d)
+                                  : score_word_as<float>(g, theta, count, rule.threshold_f, rule.eps_f);
     case KeepKind::kRandom:
       return rule.random_none ? 0 : random_word(rule.random_key, entry, count, rule.random_bound);
     case KeepKind::kStored:

@@ -69,7 +69,8 @@ struct KeySrc {
 
 // The score keys of grad_over_weight and random for the portable code: s in float32 (f32 format,
 // g and theta widened to float32 first) or float64 (f64 format), one IEEE add and one division;
-// the key is s's bits with the sign cleared (a NaN's sign is not part of the score).
+// the key is s's bits with the sign cleared, and every NaN has key key_max (radix.entry_scores:
+// one key whatever NaN payload the hardware propagates).
 template <class P>
 GMT_INLINE float widen32(const char* x, int64_t j) {
   return simd::Scalar<float>::load(reinterpret_cast<const P*>(x) + j);
@@ -87,7 +88,7 @@ struct OverWeightKeys32 {
   KeySrc s;
   uint32_t operator()(int64_t j) const {
     const float v = std::abs(widen32<P>(s.g, j)) / (std::abs(widen32<P>(s.w, j)) + s.eps32);
-    return bit_cast<uint32_t>(v) & 0x7fffffffu;
+    return v != v ? 0x7fffffffu : bit_cast<uint32_t>(v) & 0x7fffffffu;
   }
 };
 template <class P>
@@ -95,7 +96,7 @@ struct OverWeightKeys64 {
   KeySrc s;
   uint64_t operator()(int64_t j) const {
     const double v = std::abs(widen64<P>(s.g, j)) / (std::abs(widen64<P>(s.w, j)) + s.eps64);
-    return bit_cast<uint64_t>(v) & 0x7fffffffffffffffull;
+    return v != v ? 0x7fffffffffffffffull : bit_cast<uint64_t>(v) & 0x7fffffffffffffffull;
   }
 };
 struct RandomKeys {  // 64-bit keys in the portable code, so inf_key (2**32) is above every one
@@ -382,7 +383,9 @@ GMT_INLINE __m256i load_keys(const KeySrc& s, int64_t i) {
                        KIND == Keys32::kOverWeightHalf) {
     using P = std::conditional_t<KIND == Keys32::kOverWeightFloat, float,
                                  std::conditional_t<KIND == Keys32::kOverWeightHalf, simd::F16, simd::BF16>>;
-    return _mm256_and_si256(_mm256_castps_si256(over_weight_scores<P>(s, i)), _mm256_set1_epi32(0x7fffffff));
+    const __m256 score = over_weight_scores<P>(s, i);  // a NaN lane: all ones, then the sign cleared
+    const __m256 nan = _mm256_cmp_ps(score, score, _CMP_UNORD_Q);
+    return _mm256_and_si256(_mm256_castps_si256(_mm256_or_ps(score, nan)), _mm256_set1_epi32(0x7fffffff));
   } else if constexpr (KIND == Keys32::kFloat) {
     const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint32_t*>(data) + i));
     return _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
@@ -527,7 +530,8 @@ GMT_INLINE __m512i load_keys(const KeySrc& s, int64_t i, __mmask16 valid) {
     using F = simd::avx512::F32;
     const __m512 g = load_floats<P>(s.g, i, valid), w = load_floats<P>(s.w, i, valid);
     const __m512 score = _mm512_div_ps(F::abs(g), _mm512_add_ps(F::abs(w), _mm512_set1_ps(s.eps32)));
-    return _mm512_and_si512(_mm512_castps_si512(score), _mm512_set1_epi32(0x7fffffff));
+    const __m512i key = _mm512_and_si512(_mm512_castps_si512(score), _mm512_set1_epi32(0x7fffffff));
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(score, score, _CMP_UNORD_Q), key, _mm512_set1_epi32(0x7fffffff));
   } else if constexpr (KIND == Keys32::kFloat) {
     const __m512i bits = _mm512_maskz_loadu_epi32(valid, static_cast<const uint32_t*>(data) + i);
     return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
@@ -633,7 +637,8 @@ GMT_INLINE uint32x4_t load_keys(const KeySrc& s, int64_t i) {
     using F = simd::neon::F32;
     const float32x4_t g = F::load(reinterpret_cast<const P*>(s.g) + i), w = F::load(reinterpret_cast<const P*>(s.w) + i);
     const float32x4_t score = vdivq_f32(F::abs(g), vaddq_f32(F::abs(w), vdupq_n_f32(s.eps32)));
-    return vandq_u32(vreinterpretq_u32_f32(score), vdupq_n_u32(0x7fffffffu));
+    const uint32x4_t nan = vmvnq_u32(vceqq_f32(score, score));
+    return vandq_u32(vorrq_u32(vreinterpretq_u32_f32(score), nan), vdupq_n_u32(0x7fffffffu));
   } else if constexpr (KIND == Keys32::kFloat) {
     return vandq_u32(vld1q_u32(static_cast<const uint32_t*>(data) + i), vdupq_n_u32(0x7fffffffu));
   } else {
