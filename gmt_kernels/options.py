@@ -67,6 +67,7 @@ class MaskSource:
     """Which entries the update keeps."""
 
     thresholds: Tensor  # [n] float32 (float64 for f64 and u32 key formats)
+    # (code that torch.compile traces passes it explicitly: dynamo cannot wrap the default instance)
     scoring: Scoring = GRAD
     masks: Sequence[Tensor] = ()  # stored 1-bit masks, one per tensor, or () (none stored)
     # 0-d bool on the tensors' device. None or true: keep = score rule and, if masks are given,
