@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from calls import GRAD_HISTOGRAM_SCHEMA_ARGS, flat_masked_adamw
+from test_cpu_capability import VECTOR_KERNELS
 from gmt_kernels import GMTAdamW, radix
 from gmt_kernels.backends import cpu, reference
 
@@ -90,9 +91,7 @@ def capability(request):
     level = request.param
     with cpu.use_cpu_capability(level):
         kernels = cpu.kernel_capabilities()
-        assert {k: v for k, v in kernels.items() if k != "histogram_f64_keys"} == dict.fromkeys(
-            ["masked_adamw", "histogram_whole", "histogram_interval", "histogram_sample"], level
-        )
+        assert {k: v for k, v in kernels.items() if k != "histogram_f64_keys"} == dict.fromkeys(VECTOR_KERNELS, level)
         yield level
 
 
@@ -216,7 +215,7 @@ def test_histogram_rejects_bad_arguments_with_reasons():
     ops = torch.ops.gmt_kernels
     with pytest.raises(RuntimeError, match="unknown key_format 'f8'"):
         ops.radix_histogram(g, [0], state, hist, "f8", **GRAD_HISTOGRAM_SCHEMA_ARGS)
-    with pytest.raises(RuntimeError, match="cannot be scored exactly in key format f16"):
+    with pytest.raises(RuntimeError, match="cannot be scored by criterion 'grad' in key format f16"):
         ops.radix_histogram(g, [0], radix.initial_state([3], [10], [0], radix.KEY_FORMATS[torch.float16]), hist, "f16", **GRAD_HISTOGRAM_SCHEMA_ARGS)
     with pytest.raises(RuntimeError, match=rf"hist must be .*\[1, {radix.HIST_COLUMNS}\]"):
         ops.radix_histogram(g, [0], state, hist[:, : radix.BINS], "f32", **GRAD_HISTOGRAM_SCHEMA_ARGS)
