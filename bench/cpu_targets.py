@@ -26,6 +26,7 @@ other tables).
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import statistics
@@ -234,6 +235,9 @@ def criteria(grads, mask_ratio, steps, levels):
         print(f"| {level} | {r / base:.2f} ({r * 1e3:.1f} ms) {'ok' if r / base <= TARGETS['bare'] else 'MISS'} "
               f"| {b / base:.2f} ({b * 1e3:.1f} ms) |")
 
+    if "refresh_every" in inspect.signature(GMTAdamW).parameters:
+        optimizer_rows(params, mask_ratio, steps, levels)
+
     # Histogram passes as a selection sees them: a sample of 1/32 of the blocks, a first full pass
     # over every key, and a full pass over a narrow interval (most keys only counted ABOVE).
     hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
@@ -277,6 +281,37 @@ def criteria(grads, mask_ratio, steps, levels):
                 f"{medians[(level, kind, c)] * 1e3:.1f} ms ({medians[(level, kind, c)] / g:.2f}x)"
                 for c in ("grad_over_weight", "random")]
             print(f"| {level} | {kind} | " + " | ".join(cells) + " |")
+
+
+def optimizer_rows(params, mask_ratio, steps, levels):
+    """GMTAdamW steps with stored masks and each criterion against fused AdamW (nonfinite="propagate",
+    as fused AdamW checks nothing; the default "skip" adds one read of g for the NaN / inf count):
+    refresh_every=None (every measured step reuses the mask), refresh_every=10 (ten steps a call,
+    one of them selecting), and a selection at every step (refresh_every=1) per criterion."""
+    fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    contenders = {"fused": fused.step, "fused x10": lambda: [fused.step() for _ in range(10)]}
+    common = dict(lr=1e-3, mask_ratio=mask_ratio, nonfinite="propagate", backend="cpu")
+    opts = {"reuse (refresh_every=None)": GMTAdamW(params, refresh_every=None, **common),
+            "refresh_every=10 (x10 steps)": GMTAdamW(params, refresh_every=10, **common)}
+    for criterion in ("grad", "grad_over_weight", "random"):
+        opts[f"{criterion}, refresh_every=1"] = GMTAdamW(params, criterion=criterion, **common)
+    for level in levels:
+        for name, opt in opts.items():
+            opt.step()  # the first step selects
+            many = name.endswith("(x10 steps)")
+            contenders[(level, name)] = at_level(level, (lambda o=opt: [o.step() for _ in range(10)]) if many else opt.step)
+    medians = interleaved(contenders, steps)
+    print(f"\nGMTAdamW (cpu, scope global, mask_ratio {mask_ratio}, nonfinite='propagate') / fused AdamW "
+          f"({medians['fused'] * 1e3:.1f} ms a step)\n")
+    print("| level | " + " | ".join(opts) + " |\n|---|" + "---:|" * len(opts))
+    for level in levels:
+        cells = []
+        for name in opts:
+            base = medians["fused x10"] if name.endswith("(x10 steps)") else medians["fused"]
+            ratio = medians[(level, name)] / base
+            target = " ok" if ratio <= TARGETS["bare"] else " MISS"
+            cells.append(f"{ratio:.2f}{target if name.startswith('reuse') else ''}")
+        print(f"| {level} | " + " | ".join(cells) + " |")
 
 
 def peak_rss_growth(log2_numel, tensors, threshold):

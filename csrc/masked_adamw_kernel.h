@@ -54,8 +54,9 @@ inline uint64_t random_word(uint32_t key, uint64_t entry, int count, uint32_t bo
   return word;
 }
 
+// Out of line: the update loop inlines only the stored-mask read (a reuse step's whole cost).
 template <class V, class P>
-GMT_INLINE uint64_t keep_word(const KeepRule& rule, const P* g, const P* theta, const uint8_t* stored, uint64_t entry,
+__attribute__((noinline)) uint64_t keep_word(const KeepRule& rule, const P* g, const P* theta, const uint8_t* stored, uint64_t entry,
                               int count) {
   using T = typename V::T;
   switch (rule.kind) {
@@ -106,8 +107,10 @@ GMT_INLINE int64_t update_lanes(const Piece& piece, int64_t& i, int64_t end, con
     M keep;
     if constexpr (FROM_WORD) {
       if (bit == 0) {
-        bits.word = keep_word<V, P>(rule, g + i, p + i, piece.read_bits ? piece.read_bits + i / 8 : nullptr,
-                                    piece.entry + uint64_t(i), int(std::min<int64_t>(64, piece.n - i)));
+        const int count = int(std::min<int64_t>(64, piece.n - i));
+        bits.word = rule.kind == KeepKind::kStored
+                        ? stored_word(piece.read_bits + i / 8, count)
+                        : keep_word<V, P>(rule, g + i, p + i, nullptr, piece.entry + uint64_t(i), count);
       }
       keep = V::template from_bits<P>(uint32_t(bits.word >> bit));
     } else {
