@@ -227,7 +227,8 @@ class GMTAdamW(torch.optim.Optimizer):
             _check_global_mask_ratio([*self.param_groups, merged])
         for p in param_group["params"] if isinstance(param_group.get("params"), list) else []:
             if isinstance(p, Tensor) and p.device.type != "meta":  # meta: deferred init, checked at step
-                resolve(self.backend, p.device, p.dtype)  # a named backend that cannot serve fails now
+                # a named backend that cannot serve (or lacks the criterion or stored masks) fails now
+                self._criteria_backend(resolve(self.backend, p.device, p.dtype), p.device, p.dtype)
         super().add_param_group(param_group)
         self.param_groups[-1]["gmt"] = self._gmt
         if hasattr(self, "_sharding"):
@@ -500,8 +501,32 @@ class GMTAdamW(torch.optim.Optimizer):
         key = (device, dtype)
         backend = self._resolved.get(key)
         if backend is None:
-            backend = self._resolved[key] = resolve(self.backend, device, dtype)
+            backend = self._resolved[key] = self._criteria_backend(resolve(self.backend, device, dtype), device, dtype)
         return backend
+
+    def _criteria_backend(self, backend: Backend, device: torch.device, dtype: torch.dtype) -> Backend:
+        """`backend` if its kernels implement this optimizer's criterion and schedule; else, for
+        "auto", the reference backend (saying so once), and for a named backend an error before
+        anything changes."""
+        lacking = backend.lacks(self.criterion, self.refresh_every != 1)
+        if lacking is None:
+            return backend
+        if self.backend != "auto":
+            raise RuntimeError(
+                f"gmt_kernels backend {backend.name!r} does not implement {lacking} yet; nothing was changed. "
+                "Use backend='reference' (pure PyTorch, any device) for it, or criterion='grad' with refresh_every=1."
+            )
+        fallback = resolve("reference", device, dtype)
+        key = (backend.name, lacking)
+        if key not in _warned_criteria_fallbacks:
+            _warned_criteria_fallbacks.add(key)
+            warnings.warn(
+                f"gmt_kernels: backend {backend.name!r} does not implement {lacking} yet; using the pure-PyTorch "
+                "reference backend for it, which is correct but slower.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return fallback
 
     def _gather(self) -> list[_Batch]:
         self._resolved = {}
@@ -813,6 +838,7 @@ def _torch_adamw_defaults() -> dict:
 
 
 _GMT_COUNTERS = ("skipped_steps", "selections", "since_selection")
+_warned_criteria_fallbacks: set = set()
 
 
 def _new_gmt_state() -> dict:

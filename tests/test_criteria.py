@@ -335,3 +335,28 @@ def test_non_contiguous_parameters_are_refused_before_anything_changes(backend, 
 ], ids=str)
 def test_step_never_reads_device_values_on_the_host(backend, options):
     assert_step_reads_nothing(backend, steps=3, **options)  # reuse steps and a selection
+
+
+def test_a_backend_without_the_criterion_is_refused_or_replaced_by_auto(monkeypatch):
+    """A named backend whose kernels lack the criterion or stored masks refuses at construction;
+    "auto" takes the reference backend instead and says so (Backend.criteria / stored_masks)."""
+    import dataclasses
+
+    from gmt_kernels import backends
+    from gmt_kernels import optimizer as optimizer_module
+
+    reference = backends.resolve("reference", torch.device("cpu"), torch.float32)
+    grad_only = dataclasses.replace(reference, name="cpu", criteria=("grad",), stored_masks=False, auto_devices=("cpu",))
+    monkeypatch.setitem(backends._REGISTRY, "cpu", grad_only)
+    monkeypatch.setattr(optimizer_module, "_warned_criteria_fallbacks", set())
+    params = make_params([(10,)])
+    GMTAdamW(params, backend="cpu")  # criterion "grad", refresh_every=1: served
+    with pytest.raises(RuntimeError, match="backend 'cpu' does not implement criterion 'random' yet"):
+        GMTAdamW(params, backend="cpu", criterion="random")
+    with pytest.raises(RuntimeError, match=r"does not implement stored masks \(refresh_every other than 1"):
+        GMTAdamW(params, backend="cpu", refresh_every=4)
+    with pytest.warns(RuntimeWarning, match="using the pure-PyTorch reference backend"):
+        opt = GMTAdamW(params, backend="auto", criterion="grad_over_weight")
+    set_grads(params, random_grads(params))
+    opt.step()
+    assert opt._resolve(torch.device("cpu"), torch.float32).name == "reference"
