@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from .. import ops  # noqa: F401  (the schemas, before the extension registers kernels for them)
-from ..options import GRAD
+from ..options import CRITERIA, GRAD
 from . import Backend, register
 
 try:
@@ -109,5 +109,7 @@ register(
         masked_adamw=masked_adamw,
         auto_devices=("cpu",),
         info=info,
+        criteria=CRITERIA,  # every criterion and stored masks, at every capability level
+        stored_masks=True,
     )
 )
