@@ -316,22 +316,19 @@ def radix_histogram_kernel(
                 tl.atomic_add(out + BINS + 1, nonfinite_total.to(tl.int64), sem="relaxed")
 
 
-def _theta_like(theta: torch.Tensor, grad: torch.Tensor, flat: torch.Tensor, keep_alive: list) -> torch.Tensor:
-    """theta's entries in the order of `flat` (grad's entries as the kernel reads them): theta itself
-    when it is laid out like grad (always, for a parameter and its gradient), else a copy."""
+def _flat_pair(grad: torch.Tensor, theta: torch.Tensor, keep_alive: list) -> tuple:
+    """1-D views of g and theta whose positions pair up, as the reference backend reads them: memory
+    order when it is the same for both (the sample picks blocks of it), else row-major copies."""
     if theta.shape != grad.shape:
         raise ValueError(
             f"radix_histogram: criterion 'grad_over_weight' got a weight of shape {tuple(theta.shape)} for a "
             f"gradient of shape {tuple(grad.shape)}; pass each parameter (theta) with its own gradient."
         )
-    if flat.data_ptr() == grad.data_ptr() and theta.stride() == grad.stride():
-        view = memory_order_view(theta)
-        if view is not None:
-            return view
-    copy = (torch.empty_like(grad, dtype=theta.dtype).copy_(theta) if flat.data_ptr() == grad.data_ptr()
-            else theta.reshape(-1).contiguous())  # grad was copied row-major: theta too
-    keep_alive.append(copy)
-    return memory_order_view(copy) if copy.dim() else copy.reshape(-1)
+    flat, flat_theta = memory_order_view(grad), memory_order_view(theta)
+    if flat is None or flat_theta is None or theta.stride() != grad.stride():
+        flat, flat_theta = grad.reshape(-1).contiguous(), theta.reshape(-1).contiguous()
+        keep_alive.extend((flat, flat_theta))
+    return flat, flat_theta
 
 
 def inf_key_for(key_float) -> int:
@@ -362,16 +359,16 @@ def _plan(grads, scope_of, scoring, device) -> tuple:
             rows.append((0, int(scope), index))
             numels.append(grad.numel())
             continue
-        flat = memory_order_view(grad)
-        if flat is None:
-            # A strided view with holes (rare for gradients): a temporary copy of this one tensor.
-            flat = grad.reshape(-1).contiguous()
-            keep_alive.append(flat)
         if criterion == "grad_over_weight":
-            theta = _theta_like(weights[index], grad, flat, keep_alive)
+            flat, theta = _flat_pair(grad, weights[index], keep_alive)
             rows, numels = launches[(grad.dtype, theta.dtype, is_aligned(flat, theta))]
             rows.append((flat.data_ptr(), int(scope), index, theta.data_ptr()))
         else:
+            flat = memory_order_view(grad)
+            if flat is None:
+                # A strided view with holes (rare for gradients): a temporary copy of this one tensor.
+                flat = grad.reshape(-1).contiguous()
+                keep_alive.append(flat)
             rows, numels = launches[(grad.dtype, None, is_aligned(flat))]
             rows.append((flat.data_ptr(), int(scope), index))
         numels.append(flat.numel())
