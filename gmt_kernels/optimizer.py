@@ -14,6 +14,7 @@ from torch import Tensor
 from . import radix
 from .backends import Backend, check_backend_name, resolve
 from .device_constants import DeviceConstants
+from .options import GRAD, AdamWOptions, MaskSource
 from .threshold import Scope, select_thresholds
 
 SCOPES = ("global", "group", "tensor")
@@ -493,18 +494,20 @@ class GMTAdamW(torch.optim.Optimizer):
             [s["exp_avg_sq"] for s in batch.states],
             [s["max_exp_avg_sq"] for s in batch.states] if group["amsgrad"] else [],
             [s["step"] for s in batch.states],
-            thresholds,
             kept,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-            mask_mode=self.mask_mode,
-            grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-            skip=skip_on[device],
+            options=AdamWOptions(
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"],
+                maximize=group["maximize"],
+                mask_mode=self.mask_mode,
+                grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                skip=skip_on[device],
+            ),
+            mask=MaskSource(thresholds, GRAD),
         )
         if masked:
             if batch.uncounted:  # replicas whose entries another rank of the group reports
