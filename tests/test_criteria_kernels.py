@@ -22,7 +22,7 @@ from oracle import (adamw_oracle, criterion_keys, criterion_scores, histogram_or
                     unpack_mask_numpy)
 
 # The backends whose kernels implement every criterion (the others refuse them with a RuntimeError).
-CRITERIA_BACKENDS = ["reference"]
+CRITERIA_BACKENDS = ["reference", "triton"]
 
 SHAPES = [(1,), (7,), (3, 5, 7), (130,), (2, 67), ()]
 SEED = 12345

@@ -82,7 +82,7 @@ def _bounds(scope_state, KEY_FLOAT: tl.constexpr):
 
 @triton.jit
 def _block_keys(ptr, wptr, offs, valid, MASKED: tl.constexpr, entry0, hi0, t0, t1, eps, KEY_FLOAT: tl.constexpr,
-                CRITERION: tl.constexpr):
+                INF_KEY: tl.constexpr, CRITERION: tl.constexpr):
     """Keys of the scores of entries offs (offsets from ptr and wptr; entry0 + offs: their indices
     in the whole parameter, for "random"). Unmasked loads when not MASKED (128 bits wide)."""
     if CRITERION == "random":  # neither g nor theta is read
@@ -97,7 +97,13 @@ def _block_keys(ptr, wptr, offs, valid, MASKED: tl.constexpr, entry0, hi0, t0, t
                 theta = tl.load(wptr + offs, mask=valid, other=0.0)
             else:
                 theta = tl.load(wptr + offs)
-            return _keys(weight_score(g, theta, eps, KEY_FLOAT), KEY_FLOAT)
+            key = _keys(weight_score(g, theta, eps, KEY_FLOAT), KEY_FLOAT)
+            # Every NaN score (g or theta NaN, 0/0, inf/inf: payloads differ by hardware) has one
+            # key, the format's largest (radix.entry_scores).
+            if KEY_FLOAT == tl.float64:
+                return tl.where(key > INF_KEY, 0x7FFFFFFFFFFFFFFF, key)
+            else:
+                return tl.where(key > INF_KEY, 0x7FFFFFFF, key)
         else:
             return _keys(g, KEY_FLOAT)
 
@@ -183,7 +189,7 @@ def _count_item(item, items, picked, table, state, hist, random_keys, entry_offs
         wptr, eps, entry0, hi0, t0, t1 = _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps,
                                                          WEIGHT, KEY_FLOAT, CRITERION)
         key = _block_keys(ptr, wptr, tl.reshape(offs, [BLOCK]), valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT,
-                          CRITERION)
+                          INF_KEY, CRITERION)
         inside = valid & (key >= lo) & (key <= last)
         counts = tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
         out = hist + scope * (BINS + 2)
@@ -290,16 +296,16 @@ def radix_histogram_kernel(
             for i in range(tiles):
                 if sample != 0:
                     offs, valid = _picked_tile(start, remaining, salt, sample, i, SAMPLE_BLOCK, BLOCK, BLOCK * ITERS)
-                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, CRITERION)
+                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, INF_KEY, CRITERION)
                 elif full:
                     # Unmasked: the compiler can vectorise (a tail's per-lane mask forces scalar loads).
                     valid = lanes >= 0
                     key = _block_keys(base, wbase, i * BLOCK + lanes, valid, False, entry0, hi0, t0, t1, eps, KEY_FLOAT,
-                                      CRITERION)
+                                      INF_KEY, CRITERION)
                 else:
                     offs = i * BLOCK + lanes
                     valid = offs < remaining
-                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, CRITERION)
+                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, INF_KEY, CRITERION)
                 inside = valid & (key >= lo) & (key <= last)
                 counts += tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
                 above += (valid & (key > last)).to(tl.int32)
