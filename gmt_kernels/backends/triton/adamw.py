@@ -1,7 +1,9 @@
 """The fused masked-AdamW pass (Backend.masked_adamw): one Triton launch for a param group's tensors.
 
 Per entry it reads g, p, m, v (and max_v with amsgrad) once, writes p, m, v (and max_v) once,
-decides "kept" by comparing |g| with the tensor's device threshold, and counts the kept entries
+decides "kept" by comparing the entry's score (scoring.py: |g|, |g| / (|p| + eps) or the random
+u, the criterion a compile-time constant) with the tensor's device threshold, or by its bit in the
+stored mask when the step reuses one, writes the bits on a refresh, and counts the kept entries
 with one atomic per program. Everything that varies per step (threshold, step count, tensor lr,
 grad_scale, skip flag) is read on the device, so the launch is the same every step and can be
 captured in a CUDA graph. Per-tensor scalars (bias corrections) are computed in float64 once per

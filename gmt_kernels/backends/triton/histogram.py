@@ -1,7 +1,8 @@
 """The histogram pass (Backend.radix_histogram) as one Triton launch per gradient dtype.
 
 A persistent grid (a few programs per SM) walks the CHUNKs of the launch (see tables.py). Per
-chunk a program turns |g| into integer keys in the scope's key format, histograms the keys inside
+chunk a program turns the scores (|g|; or, the criterion a compile-time constant, |g| / (|theta| +
+eps) or the random u: scoring.py) into integer keys in the scope's key format, histograms the keys inside
 the scope's interval [LO, LAST] by (key - LO) >> SHIFT (tl.histogram, BLOCK = 4096 entries per
 call, so that the call's fixed shared-memory work, zeroing and reading back 4096 bins, is one
 load and one store per entry), counts the keys above LAST and the non-finite ones in per-lane
@@ -31,7 +32,7 @@ import triton.language as tl
 from ... import radix
 from ...radix import KeyFormat
 from .. import memory_order_view
-from .scoring import CRITERIA, random_key_halves, random_u, weight_score, widen  # noqa: F401  (widen: adamw's import)
+from .scoring import CRITERIA, random_key_halves, random_u, weight_score, widen
 from .tables import cached_plan, is_aligned, launch_table, sample_list
 
 # 16 warps x 8 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
@@ -296,7 +297,8 @@ def radix_histogram_kernel(
             for i in range(tiles):
                 if sample != 0:
                     offs, valid = _picked_tile(start, remaining, salt, sample, i, SAMPLE_BLOCK, BLOCK, BLOCK * ITERS)
-                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, INF_KEY, CRITERION)
+                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, INF_KEY,
+                                      CRITERION)
                 elif full:
                     # Unmasked: the compiler can vectorise (a tail's per-lane mask forces scalar loads).
                     valid = lanes >= 0
@@ -305,7 +307,8 @@ def radix_histogram_kernel(
                 else:
                     offs = i * BLOCK + lanes
                     valid = offs < remaining
-                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, INF_KEY, CRITERION)
+                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, INF_KEY,
+                                      CRITERION)
                 inside = valid & (key >= lo) & (key <= last)
                 counts += tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
                 above += (valid & (key > last)).to(tl.int32)
@@ -397,7 +400,9 @@ def _check_scoring(scoring, key_format: KeyFormat, n: int) -> None:
     """The score's key format and per-tensor inputs, before anything is launched."""
     criterion = scoring.criterion
     if criterion not in CRITERIA:
-        raise ValueError(f"radix_histogram: unknown criterion {criterion!r}; expected one of {', '.join(map(repr, CRITERIA))}.")
+        raise ValueError(
+            f"radix_histogram: unknown criterion {criterion!r}; expected one of {', '.join(map(repr, CRITERIA))}."
+        )
     wanted = {"random": ("u32",), "grad_over_weight": ("f32", "f64")}.get(criterion)
     if wanted is not None and key_format.name not in wanted:
         raise ValueError(

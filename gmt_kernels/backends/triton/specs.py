@@ -88,7 +88,8 @@ def _adamw_spec(param, amsgrad, aligned, freeze, scaled, criterion="grad", masks
     compute = tl.float64 if param == tl.float64 else tl.float32
     signature = (
         ("table", "*i64"), ("chunk_owner", "*i32"),
-        ("thresholds", "*fp64" if criterion == "random" else _PTR[compute]), ("kept", "*i64"), ("lr_tensor", "*fp32"), ("grad_scale_ptr", "*fp32"), ("skip_ptr", "*u8"),
+        ("thresholds", "*fp64" if criterion == "random" else _PTR[compute]), ("kept", "*i64"),
+        ("lr_tensor", "*fp32"), ("grad_scale_ptr", "*fp32"), ("skip_ptr", "*u8"),
         ("lr", "fp64"), ("weight_decay", "fp64"), ("beta1", "fp64"), ("beta2", "fp64"),
         ("log_beta1", "fp64"), ("log_beta2", "fp64"), ("eps", "fp64"),
         ("lr_from_tensor", "i32"), ("has_skip", "i32"), ("maximize", "i32"),
