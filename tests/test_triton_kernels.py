@@ -537,3 +537,43 @@ def test_random_histogram_chunk_tiles_beyond_2_32():
     expected = torch.bincount(u >> (fmt.key_bits - radix.RADIX_BITS), minlength=radix.BINS)
     assert torch.equal(hist[0, : radix.BINS], expected) and hist[0, radix.NONFINITE] == 0
     assert 0 < expected.sum() < HIST_CHUNK
+
+
+def test_float_arguments_reach_the_kernels_as_float64(monkeypatch):
+    """Compiled, Triton types a Python float argument float32 unless the parameter is annotated: every
+    float a launcher passes (hyper-parameters, score_eps as its float64 bits) must keep float64."""
+    import inspect
+
+    from gmt_kernels.options import AdamWOptions, MaskSource
+
+    seen = []
+    for module, name in ((triton_adamw, "masked_adamw_kernel"), (triton_histogram, "radix_histogram_kernel")):
+        kernel = getattr(module, name)
+        params = inspect.signature(kernel.fn).parameters
+
+        class Recording:
+            def __getitem__(self, grid, kernel=kernel, params=params):
+                def launch(*args, **kwargs):
+                    bound = inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+                    for arg, value in bound.arguments.items():
+                        if isinstance(value, float):
+                            seen.append(arg)
+                            assert params[arg].annotation in (tl.float64, "tl.float64"), arg
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(module, name, Recording())
+    tl = triton_adamw.tl
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(40, generator=gen, dtype=torch.float64)]
+    grads = [torch.randn(40, generator=gen, dtype=torch.float64)]
+    scoring = criterion_scoring("grad_over_weight", 1, params)
+    fmt = radix.key_format_for([torch.float64], "grad_over_weight")
+    state = radix.initial_state([5], [40], [0], fmt)
+    tb.radix_histogram(grads, [0], state, torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64), key_format=fmt,
+                       scoring=scoring)
+    tb.masked_adamw(params, grads, [torch.zeros(40, dtype=torch.float64)], [torch.zeros(40, dtype=torch.float64)], [],
+                    [torch.tensor(1.0)], torch.zeros(1, dtype=torch.int64),
+                    options=AdamWOptions(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0),
+                    mask=MaskSource(torch.ones(1, dtype=torch.float64), scoring))
+    assert {"lr", "eps"} <= set(seen)  # the check saw the update's floats

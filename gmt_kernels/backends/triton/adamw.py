@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .histogram import TORCH_TO_TRITON
-from .scoring import CRITERIA, div_rn, random_key_halves, random_u, weight_score, widen
+from .scoring import CRITERIA, div_rn, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
 from .. import memory_order_view
 from .tables import cached_plan, is_aligned, launch_table
 
@@ -229,7 +229,7 @@ def masked_adamw_kernel(
     HAS_GRAD_SCALE: tl.constexpr,  # g is divided by *grad_scale_ptr (AMP); else no division at all
     random_keys=None,  # random: int64 [n], the tensors' 32-bit keys
     entry_offsets=None,  # random: int64 [n], index of each tensor's first entry in its parameter
-    score_eps=None,  # grad_over_weight: float
+    score_eps_bits=None,  # grad_over_weight: scoring.float64_bits(score_eps)
     refresh_ptr=None,  # with HAS_MASKS: 0-d uint8 (a bool as bytes), 0 = keep the stored bits; None = refresh
     CRITERION: tl.constexpr = "grad",  # scoring.CRITERIA
     HAS_MASKS: tl.constexpr = False,  # stored 1-bit masks: written on a refresh, else read
@@ -305,7 +305,7 @@ def masked_adamw_kernel(
     t0 = 0
     t1 = 0
     if CRITERION == "grad_over_weight":
-        score_eps_t = (score_eps + zero64).to(threshold.dtype)  # float32(score_eps) for float32 scores
+        score_eps_t = eps_from_bits(score_eps_bits, threshold.dtype)  # float32(score_eps) for float32 scores
     if CRITERION == "random":
         entry_base = tl.load(entry_offsets + t) + start  # index in the parameter of the chunk's first entry
         # Entries from 7 before the chunk on (a stored-mask byte may start there: see below).
@@ -476,7 +476,7 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
     # Criterion inputs as None where unused: compile-time absent, so the "grad" variants are unchanged.
     extra = dict(random_keys=scoring.random_keys if criterion == "random" else None,
                  entry_offsets=scoring.entry_offsets if criterion == "random" else None,
-                 score_eps=float(scoring.score_eps) if criterion == "grad_over_weight" else None,
+                 score_eps_bits=float64_bits(scoring.score_eps) if criterion == "grad_over_weight" else None,
                  refresh_ptr=mask.refresh.view(torch.uint8) if masks and mask.refresh is not None else None)
     block = block_for(dtype)
     for aligned, lt in tables:

@@ -32,7 +32,7 @@ import triton.language as tl
 from ... import radix
 from ...radix import KeyFormat
 from .. import memory_order_view
-from .scoring import CRITERIA, random_key_halves, random_u, weight_score, widen
+from .scoring import CRITERIA, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
 from .tables import cached_plan, is_aligned, launch_table, sample_list
 
 # 16 warps x 8 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
@@ -137,7 +137,7 @@ def _picked_tile(start, remaining, salt, sample, group, SAMPLE_BLOCK: tl.constex
 
 
 @triton.jit
-def _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps, WEIGHT: tl.constexpr,
+def _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps_bits, WEIGHT: tl.constexpr,
                     KEY_FLOAT: tl.constexpr, CRITERION: tl.constexpr):
     """What _block_keys needs of one tensor besides g: (theta's pointer, table column 3, and eps
     in the score type: grad_over_weight; the tensor's first entry index and the hash's halves for
@@ -150,7 +150,7 @@ def _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps, WEIGHT
     t1 = 0
     if CRITERION == "grad_over_weight":
         wptr = tl.load(row + 3).to(tl.pointer_type(WEIGHT))
-        eps = (score_eps + tl.full([], 0.0, tl.float64)).to(KEY_FLOAT)  # float32(score_eps): round to nearest
+        eps = eps_from_bits(score_eps_bits, KEY_FLOAT)
     if CRITERION == "random":
         index = tl.load(row + 2)  # the tensor's index in the call: its key and entry offset
         entry0 = tl.load(entry_offsets + index)
@@ -159,7 +159,7 @@ def _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps, WEIGHT
 
 
 @triton.jit
-def _count_item(item, items, picked, table, state, hist, random_keys, entry_offsets, score_eps,
+def _count_item(item, items, picked, table, state, hist, random_keys, entry_offsets, score_eps_bits,
                 GRAD: tl.constexpr, WEIGHT: tl.constexpr, KEY_FLOAT: tl.constexpr, INF_KEY: tl.constexpr,
                 CRITERION: tl.constexpr, COLUMNS: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr,
                 STATE_COLUMNS: tl.constexpr, SAMPLE_BLOCK: tl.constexpr):
@@ -187,7 +187,7 @@ def _count_item(item, items, picked, table, state, hist, random_keys, entry_offs
         low = 0
         if CRITERION == "random":  # the list is ascending: the item's first block bounds its entries
             low = tl.load(picked + first).to(tl.int64) * SAMPLE_BLOCK
-        wptr, eps, entry0, hi0, t0, t1 = _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps,
+        wptr, eps, entry0, hi0, t0, t1 = _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps_bits,
                                                          WEIGHT, KEY_FLOAT, CRITERION)
         key = _block_keys(ptr, wptr, tl.reshape(offs, [BLOCK]), valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT,
                           INF_KEY, CRITERION)
@@ -227,7 +227,7 @@ def radix_histogram_kernel(
     SAMPLE_BLOCK: tl.constexpr,
     random_keys=None,  # random: int64 [tensors of the call], each tensor's 32-bit key
     entry_offsets=None,  # random: int64 [tensors of the call], index of each tensor's first entry in its parameter
-    score_eps=None,  # grad_over_weight: float
+    score_eps_bits=None,  # grad_over_weight: scoring.float64_bits(score_eps)
     CRITERION: tl.constexpr = "grad",  # scoring.CRITERIA
     WEIGHT: tl.constexpr = None,  # grad_over_weight: element type of theta
 ):
@@ -249,7 +249,7 @@ def radix_histogram_kernel(
     lanes = tl.arange(0, BLOCK)
     if sampled_active > 0:
         for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
-            _count_item(item, items, picked, table, state, hist, random_keys, entry_offsets, score_eps, GRAD, WEIGHT,
+            _count_item(item, items, picked, table, state, hist, random_keys, entry_offsets, score_eps_bits, GRAD, WEIGHT,
                         KEY_FLOAT, INF_KEY, CRITERION, COLUMNS, BINS, BLOCK, STATE_COLUMNS, SAMPLE_BLOCK)
     chunks = num_chunks
     if (full_active == 0) & listed:
@@ -267,7 +267,7 @@ def radix_histogram_kernel(
             numel = tl.load(row + (COLUMNS - 2))
             start = (chunk - tl.load(row + (COLUMNS - 1))) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
             ptr = tl.load(row).to(tl.pointer_type(GRAD))
-            wptr, eps, entry0, hi0, t0, t1 = _tensor_scoring(row, ptr, start, random_keys, entry_offsets, score_eps,
+            wptr, eps, entry0, hi0, t0, t1 = _tensor_scoring(row, ptr, start, random_keys, entry_offsets, score_eps_bits,
                                                              WEIGHT, KEY_FLOAT, CRITERION)
             if ALIGNED:
                 ptr = tl.multiple_of(ptr, 16)
@@ -438,7 +438,7 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat, sco
     key_float = tl.uint32 if random else TORCH_TO_TRITON[key_format.float_dtype]
     extra = dict(random_keys=scoring.random_keys if random else None,
                  entry_offsets=scoring.entry_offsets if random else None,
-                 score_eps=float(scoring.score_eps) if criterion == "grad_over_weight" else None)
+                 score_eps_bits=float64_bits(scoring.score_eps) if criterion == "grad_over_weight" else None)
     for dtype, weight, aligned, lt, samples, keep_alive in plan:
         radix_histogram_kernel[(min(max(lt.num_chunks, samples.num_items), _programs(hist.device)),)](
             lt.table, lt.chunk_owner, state, hist, lt.num_chunks, state.shape[0], samples.items, samples.blocks,

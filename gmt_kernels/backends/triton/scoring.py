@@ -14,6 +14,8 @@ the "grad" variants compile to what they did before scores existed.
 
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
 
@@ -38,6 +40,18 @@ def div_rn(x, y):
         return x / y  # float64 division is always IEEE
     else:
         return tl.math.div_rn(x, y)
+
+
+def float64_bits(x: float) -> int:
+    """score_eps as the kernels take it: the bits of the float64 as a signed int64. (Triton types a
+    Python float argument as float32, which would round eps before a float64 score sees it.)"""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit
+def eps_from_bits(bits, SCORE: tl.constexpr):
+    """float64_bits back to a float64, rounded to nearest to the score type."""
+    return (bits + tl.zeros([], tl.int64)).to(tl.float64, bitcast=True).to(SCORE)
 
 
 @triton.jit

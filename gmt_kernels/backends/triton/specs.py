@@ -51,13 +51,13 @@ def _histogram_specs():
                  ("num_chunks", "i32"), ("num_scopes", "i32"), ("items", "*i64"), ("picked", "*i32"),
                  ("num_items", "i32"))
 
-    optional = ("random_keys", "entry_offsets", "score_eps")
+    optional = ("random_keys", "entry_offsets", "score_eps_bits")
 
     def spec(grad, key, aligned, criterion, label, weight=None):
         # The per-criterion inputs are pointers / a float where the criterion reads them, else
         # constexpr None: absent from the compiled kernel, so "grad" variants compile as before.
         runtime = {"random": {"random_keys": "*i64", "entry_offsets": "*i64"},
-                   "grad_over_weight": {"score_eps": "fp64"}}.get(criterion, {})
+                   "grad_over_weight": {"score_eps_bits": "i64"}}.get(criterion, {})
         constexprs = tuple((n, None) for n in optional if n not in runtime) + (
             ("GRAD", grad), ("KEY_FLOAT", key), ("INF_KEY", histogram.inf_key_for(key)), ("ALIGNED", aligned),
             ("BINS", histogram.BINS), ("BLOCK", histogram.BLOCK), ("ITERS", histogram.ITERS),
@@ -97,10 +97,10 @@ def _adamw_spec(param, amsgrad, aligned, freeze, scaled, criterion="grad", masks
     # The criterion's inputs and the refresh flag are pointers / a float where used, else constexpr
     # None (absent from the kernel). Stored masks are compiled with a refresh tensor (refresh_every=K).
     runtime = {"random": {"random_keys": "*i64", "entry_offsets": "*i64"},
-               "grad_over_weight": {"score_eps": "fp64"}}.get(criterion, {})
+               "grad_over_weight": {"score_eps_bits": "i64"}}.get(criterion, {})
     if masks:
         runtime = {**runtime, "refresh_ptr": "*u8"}
-    optional = ("random_keys", "entry_offsets", "score_eps", "refresh_ptr")
+    optional = ("random_keys", "entry_offsets", "score_eps_bits", "refresh_ptr")
     constexprs = tuple((n, None) for n in optional if n not in runtime) + (
         ("PARAM", param), ("COMPUTE", compute), ("AMSGRAD", amsgrad), ("ALIGNED", aligned),
         ("BLOCK", adamw.block_for(_TORCH[param])), ("ITERS", adamw.ITERS), ("FREEZE", freeze),
