@@ -302,8 +302,8 @@ def radix_histogram_kernel(
                 elif full:
                     # Unmasked: the compiler can vectorise (a tail's per-lane mask forces scalar loads).
                     valid = lanes >= 0
-                    key = _block_keys(base, wbase, i * BLOCK + lanes, valid, False, entry0, hi0, t0, t1, eps, KEY_FLOAT,
-                                      INF_KEY, CRITERION)
+                    key = _block_keys(base + i * BLOCK, wbase + i * BLOCK, lanes, valid, False, entry0 + i * BLOCK, hi0,
+                                      t0, t1, eps, KEY_FLOAT, INF_KEY, CRITERION)
                 else:
                     offs = i * BLOCK + lanes
                     valid = offs < remaining
