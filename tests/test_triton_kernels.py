@@ -577,3 +577,26 @@ def test_float_arguments_reach_the_kernels_as_float64(monkeypatch):
                     options=AdamWOptions(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0),
                     mask=MaskSource(torch.ones(1, dtype=torch.float64), scoring))
     assert {"lr", "eps"} <= set(seen)  # the check saw the update's floats
+
+
+def test_bad_criterion_inputs_are_refused_before_anything_changes():
+    from gmt_kernels.options import AdamWOptions, MaskSource, Scoring
+
+    p, g = torch.randn(4, 10), torch.randn(4, 10)
+    m, v, kept = torch.zeros(4, 10), torch.zeros(4, 10), torch.zeros(1, dtype=torch.int64)
+    before = p.clone()
+    options = AdamWOptions(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    thresholds = torch.zeros(1)
+    cases = [
+        (MaskSource(thresholds, masks=[torch.zeros(4, 1, dtype=torch.uint8)]), r"shape \(4, 2\)"),
+        (MaskSource(thresholds, refresh=torch.tensor(False)), "needs masks"),
+        (MaskSource(thresholds.double(), Scoring("random")), "random_keys"),
+    ]
+    for mask, message in cases:
+        with pytest.raises(ValueError, match=message):
+            tb.masked_adamw([p], [g], [m], [v], [], [torch.tensor(1.0)], kept, options=options, mask=mask)
+    assert torch.equal(p, before) and kept.sum() == 0
+    state = radix.initial_state([1], [40], [0], radix.KEY_FORMATS[torch.float32])
+    with pytest.raises(ValueError, match="u32"):
+        tb.radix_histogram([g], [0], state, torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64),
+                           key_format=radix.KEY_FORMATS[torch.float32], scoring=Scoring("random"))

@@ -22,6 +22,7 @@ import triton.language as tl
 from .histogram import TORCH_TO_TRITON
 from .scoring import CRITERIA, div_rn, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
 from .. import memory_order_view
+from ...masks import mask_rows, mask_shape
 from .tables import cached_plan, is_aligned, launch_table
 
 # 4 warps x 16 bytes of each tensor per thread per iteration (one 128-bit access: 4 fp32 or 8
@@ -342,8 +343,8 @@ def masked_adamw_kernel(
                             score_eps_t, mask_ptr, byte, byte_valid, refresh, COMPUTE, AMSGRAD, True, FREEZE,
                             HAS_GRAD_SCALE, CRITERION, HAS_MASKS, UPDATE)
     elif start + BLOCK * ITERS <= numel:
-        # A full chunk: no masks, so loads and stores vectorise to 128 bits. Stored-mask bytes are
-        # then entries / 8 (rows are whole bytes).
+        # A full chunk: no per-lane predicates, so loads and stores vectorise to 128 bits. Rows
+        # of the stored mask are whole bytes here: the chunk's bytes are its entries / 8.
         for i in range(ITERS):
             byte = start // 8 + i * NB + tl.arange(0, NB)
             count += _block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, i * BLOCK + lanes, lanes >= 0, threshold,
@@ -367,21 +368,16 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf  # 0**step = 0 for every step >= 1
 
 
-def mask_shape(p: torch.Tensor) -> tuple[int, int]:
-    """(d0, ceil(inner / 8)): the stored 1-bit mask of p, rows of its (d0, inner) row-major view."""
-    d0 = p.shape[0] if p.dim() else 1
-    return d0, -(-(p.numel() // max(d0, 1)) // 8)
-
-
 def _check_masks(params, masks) -> None:
     if len(masks) != len(params):
         raise ValueError(f"masked_adamw: {len(masks)} stored masks for {len(params)} parameters; pass one per "
                          "parameter, or none.")
     for i, (p, m) in enumerate(zip(params, masks)):
-        if m.dtype != torch.uint8 or tuple(m.shape) != mask_shape(p) or not m.is_contiguous() or m.device != p.device:
+        if (m.dtype != torch.uint8 or tuple(m.shape) != mask_shape(p.shape) or not m.is_contiguous()
+                or m.device != p.device):
             raise ValueError(
                 f"masked_adamw: stored mask {i} is a {m.dtype} tensor of shape {tuple(m.shape)} on {m.device}; a "
-                f"parameter of shape {tuple(p.shape)} takes a contiguous uint8 tensor of shape {mask_shape(p)} on "
+                f"parameter of shape {tuple(p.shape)} takes a contiguous uint8 tensor of shape {mask_shape(p.shape)} on "
                 f"{p.device} (1 bit per entry, rows of its (d0, inner) view, LSB first)."
             )
 
@@ -409,7 +405,7 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, a
             continue
         ptrs = [f.data_ptr() for f in flats] + ([] if amsgrad else [0])
         rows, numels = launches[is_aligned(*flats)]
-        stored = (masks[i].data_ptr(), p.numel() // mask_shape(p)[0]) if masks else ()  # mask, inner
+        stored = (masks[i].data_ptr(), mask_rows(p.shape)[1]) if masks else ()  # mask, inner
         rows.append((*ptrs, steps[i].data_ptr(), i, *stored))  # i: the threshold / kept slot
         numels.append(p.numel())
     if launches:
