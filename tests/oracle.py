@@ -234,3 +234,70 @@ def adamw_oracle(p, g, m, v, vmax, step, keep, *, mask_mode, lr, beta1, beta2, e
                            amsgrad=amsgrad, maximize=maximize)
     take = keep if mask_mode == "freeze" else torch.ones_like(keep)
     return [torch.where(take, fresh.to(old.dtype), old) for old, fresh in zip((p, m, v, vmax), new)]
+
+
+class CriteriaOracle:
+    """SEMANTICS.md section 8 by the letter: per selection, every scope's scores (criterion_scores)
+    concatenated and sorted, k-th largest, keep = s >= T or NaN; the stored keep sets reused on the
+    steps in between; torch's AdamW through adamw_oracle. params: list of (tensor, group index,
+    position in the group); scopes: lists of indices into params; mask_ratio 0 scopes: none."""
+
+    def __init__(self, params, *, scopes, mask_ratio, criterion, refresh_every, seed=0, score_eps=1e-8,
+                 mask_mode="grad", **hyper):
+        self.params = [p.detach().clone() for p, _, _ in params]
+        self.ids = [(g, pos) for _, g, pos in params]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.vmax = [torch.zeros_like(p) for p in self.params]
+        self.steps = [0] * len(self.params)
+        self.scopes, self.mask_ratio, self.criterion = scopes, mask_ratio, criterion
+        self.refresh_every, self.seed, self.score_eps, self.mask_mode = refresh_every, seed, score_eps, mask_mode
+        self.hyper = hyper
+        self.selections, self.since = 0, 0
+        self.keeps = None
+        self.thresholds = None
+
+    def due(self) -> bool:
+        if self.refresh_every == 1 or self.selections == 0:
+            return True
+        return self.refresh_every is not None and self.since >= self.refresh_every
+
+    def select(self, grads) -> None:
+        import numpy as np
+
+        keeps = [None] * len(self.params)
+        self.thresholds = []
+        for members in self.scopes:
+            wide = any(self.params[i].dtype == torch.float64 for i in members)
+            scores = {i: criterion_scores(grads[i], self.params[i], self.criterion, wide=wide, score_eps=self.score_eps,
+                                          random_key_args=(self.seed, self.selections, *self.ids[i])).astype(np.float64)
+                      for i in members}
+            flat = np.concatenate([scores[i] for i in members])
+            k = keep_count(flat.size, self.mask_ratio)
+            t = math.inf if k == 0 else np.sort(np.where(np.isnan(flat), np.inf, flat))[::-1][k - 1]
+            self.thresholds.append(float(t))
+            for i in members:
+                keeps[i] = torch.from_numpy((scores[i] >= t) | np.isnan(scores[i])).reshape(self.params[i].shape)
+        self.keeps = keeps
+
+    def step(self, grads, skip: bool = False):
+        """One optimizer step; returns (kept per scope, whether it selected)."""
+        if skip:
+            return [0] * len(self.scopes), False
+        due = self.due()
+        if due:
+            self.select(grads)
+        for i, p in enumerate(self.params):
+            keep = self.keeps[i] if self.keeps[i] is not None else torch.ones_like(p, dtype=torch.bool)
+            self.steps[i] += 1
+            new = adamw_oracle(p, grads[i], self.m[i], self.v[i], self.vmax[i], self.steps[i], keep,
+                               mask_mode=self.mask_mode, **self.hyper)
+            self.params[i], self.m[i], self.v[i], self.vmax[i] = new
+        self.selections += int(due)
+        self.since = 1 if due else self.since + 1
+        return [sum(int(self.keeps[i].sum()) for i in members) for members in self.scopes], due
+
+    def select_mask(self, grads) -> None:
+        self.select(grads)
+        self.selections += 1
+        self.since = 0

@@ -68,6 +68,18 @@ class Backend:
     # Facts about how this backend runs here (the cpu backend: its CPU capability level), for
     # backend_info().
     info: Optional[Callable[[], dict]] = None
+    # SEMANTICS.md section 8 as far as this backend's kernels implement it: the criteria they score
+    # (options.CRITERIA) and whether they read and write stored masks (options.MaskSource.masks).
+    criteria: tuple[str, ...] = ("grad",)
+    stored_masks: bool = False
+
+    def lacks(self, criterion: str, stored_masks: bool) -> Optional[str]:
+        """None if this backend implements `criterion` (and stored masks, if asked), else what it lacks."""
+        if criterion not in self.criteria:
+            return f"criterion {criterion!r}"
+        if stored_masks and not self.stored_masks:
+            return "stored masks (refresh_every other than 1, select_mask)"
+        return None
 
 
 _REGISTRY: dict[str, Backend] = {}

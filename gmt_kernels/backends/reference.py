@@ -161,5 +161,7 @@ register(
         unavailable_reason=unavailable_reason,
         radix_histogram=radix_histogram,
         masked_adamw=masked_adamw,
+        criteria=CRITERIA,
+        stored_masks=True,
     )
 )
