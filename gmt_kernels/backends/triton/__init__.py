@@ -35,7 +35,7 @@ if "mask" not in inspect.signature(tl.histogram).parameters:
     )
 
 from ... import ops  # noqa: E402
-from ...options import GRAD, Scoring, records_from_schema  # noqa: E402
+from ...options import CRITERIA, GRAD, Scoring, records_from_schema  # noqa: E402
 from ...radix import KEY_FORMATS_BY_NAME  # noqa: E402
 from .. import Backend, register  # noqa: E402
 from .. import reference  # noqa: E402
@@ -152,5 +152,7 @@ register(
         radix_histogram=radix_histogram,
         masked_adamw=masked_adamw,
         auto_devices=("cuda",),
+        criteria=CRITERIA,
+        stored_masks=True,
     )
 )
