@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .histogram import TORCH_TO_TRITON
-from .scoring import CRITERIA, div_rn, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
+from .scoring import (CRITERIA, div_rn, eps_from_bits, float64_bits, narrow, random_key_halves, random_u, weight_score,
+                      widen)
 from .. import memory_order_view
 from ...masks import mask_rows, mask_shape
 from .tables import cached_plan, is_aligned, launch_table
@@ -151,11 +152,11 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_s
     p_new = p_new + div_rn(m_new * neg_step_size, denom)
 
     out = p.dtype
-    p_out = p_new.to(out)
-    m_out = m_new.to(out)
-    v_out = v_new.to(out)
+    p_out = narrow(p_new, out)
+    m_out = narrow(m_new, out)
+    v_out = narrow(v_new, out)
     if AMSGRAD:
-        vmax_out = vmax_new.to(out)
+        vmax_out = narrow(vmax_new, out)
     if FREEZE:
         # Masked entries keep p, m, v (and max_v) bit for bit: the loaded values are written back.
         # A store mask that depends on the data would split every 128-bit store into scalar ones;

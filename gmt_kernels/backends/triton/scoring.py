@@ -14,12 +14,16 @@ the "grad" variants compile to what they did before scores existed.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import triton
 import triton.language as tl
 
 CRITERIA = ("grad", "grad_over_weight", "random")
+
+# Kernels built for the Triton interpreter (fixed when triton is imported, as the backend reads it).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 @triton.jit
@@ -29,6 +33,21 @@ def widen(x, dtype: tl.constexpr):
     gets bfloat16 denormals (and bfloat16 -> float64) wrong."""
     if x.dtype == tl.bfloat16:
         return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def narrow(x, dtype: tl.constexpr):
+    """x rounded to nearest (ties to even) into a narrower float type, as the GPU's cvt.rn does.
+    The interpreter converts float32 to bfloat16 by truncation, which biases a bfloat16 update
+    towards zero step after step; under it the rounding is spelled out on the bits (a NaN stays a
+    quiet NaN). Compiled, this is the plain conversion."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        half = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return half.to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
 
