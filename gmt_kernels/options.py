@@ -81,3 +81,12 @@ class MaskSource:
         scoring = self.scoring.schema_args()
         del scoring["weights"]
         return {**scoring, "refresh": self.refresh, "update_params": bool(self.update_params)}
+
+
+def records_from_schema(thresholds: Tensor, masks: Sequence[Tensor], *, lr, lr_tensor, criterion, score_eps,
+                        random_keys, entry_offsets, refresh, update_params, **adamw) -> tuple:
+    """(AdamWOptions, MaskSource) back from the masked_adamw schema's arguments: the inverse of
+    AdamWOptions.schema_args and MaskSource.schema_args, for operator kernels written in Python."""
+    options = AdamWOptions(lr=lr if lr_tensor is None else lr_tensor, **adamw)
+    scoring = Scoring(criterion, score_eps, (), random_keys, entry_offsets)
+    return options, MaskSource(thresholds, scoring, tuple(masks), refresh, update_params)

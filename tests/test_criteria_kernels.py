@@ -22,7 +22,6 @@ from oracle import (adamw_oracle, criterion_keys, criterion_scores, histogram_or
                     unpack_mask_numpy)
 
 
-
 def cpu_at_each_level() -> list:
     """"cpu@<level>" for every CPU capability level this CPU and build run (the C++ kernels have a
     variant per level); plain "cpu" (failing loudly in resolve) when the extension is missing."""
@@ -34,7 +33,7 @@ def cpu_at_each_level() -> list:
 
 
 # The backends whose kernels implement every criterion (the others refuse them with a RuntimeError).
-CRITERIA_BACKENDS = ["reference", *cpu_at_each_level()]
+CRITERIA_BACKENDS = ["reference", *cpu_at_each_level(), "triton"]
 
 
 def backend_of(backend_name):

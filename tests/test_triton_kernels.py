@@ -431,3 +431,172 @@ def test_sampled_pass_with_many_picks_per_chunk():
     tb.radix_histogram(grads, [0, 1], state, ours, key_format=fmt)
     reference.radix_histogram(grads, [0, 1], state, theirs, key_format=fmt)
     assert torch.equal(ours, theirs) and 0.05 < ours[0, : radix.BINS].sum() / grads[0].numel() < 0.2
+
+
+# --- criteria and stored masks at the kernels' own chunk sizes ------------------------------------
+# (tests/test_criteria_kernels.py checks every criterion against the oracle on small tensors; these
+# cross the Triton programs' chunk boundaries, where a stored-mask byte or a 2**32 entry boundary
+# falls inside a chunk, against the reference backend.)
+
+UPDATE_CHUNK = triton_adamw.block_for(torch.float32) * triton_adamw.ITERS
+
+
+def criterion_scoring(criterion, n, thetas=()):
+    from gmt_kernels import scores
+    from gmt_kernels.options import Scoring
+
+    if criterion == "grad_over_weight":
+        return Scoring("grad_over_weight", score_eps=1e-3, weights=list(thetas))
+    if criterion == "random":
+        keys = torch.tensor([scores.random_key(9, 4, 1, i) for i in range(n)], dtype=torch.int64)
+        # Tensor 0's entries cross 2**32 inside its second update chunk.
+        offsets = torch.tensor([(1 << 32) - UPDATE_CHUNK - 100] + [17 * i for i in range(1, n)], dtype=torch.int64)
+        return Scoring("random", random_keys=keys, entry_offsets=offsets)
+    return Scoring()
+
+
+@pytest.mark.parametrize("criterion,mask_mode", [("grad_over_weight", "freeze"), ("random", "grad"), ("grad", "freeze")])
+def test_stored_masks_across_update_chunks(criterion, mask_mode):
+    """Masks written on a refresh, read on the next step, and written alone (update_params=False):
+    rows that end inside a byte (inner % 8 != 0) spanning several programs, whole-byte rows with a
+    tail, 1-D and 0-d parameters: parameters, moments, kept counts and mask bytes as the reference's."""
+    from gmt_kernels import masks as stored_masks
+    from gmt_kernels.options import AdamWOptions, MaskSource
+
+    shapes = [(3, UPDATE_CHUNK // 3 + 45), (2, UPDATE_CHUNK + 8), (300,), (), (16, 21)]
+    options = AdamWOptions(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, mask_mode=mask_mode)
+    thresholds = torch.full((len(shapes),), 2.0**31 if criterion == "random" else 0.8,
+                            dtype=torch.float64 if criterion == "random" else torch.float32)
+    runs = {}
+    for name, backend in (("triton", tb), ("reference", reference)):
+        params, grads, exp_avgs, exp_avg_sqs, _, steps, _, kept = adamw_inputs(torch.float32, shapes, False, seed=5)
+        masks = [stored_masks.new_mask(p) for p in params]
+        scoring = criterion_scoring(criterion, len(shapes))
+        history = []
+        for refresh, update in ((True, True), (False, True), (True, False)):
+            if not refresh:  # new gradients: the stored masks decide, not these scores
+                grads = [g.flip(-1) if g.dim() else -g for g in grads]
+            kept.zero_()
+            backend.masked_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, kept, options=options,
+                                 mask=MaskSource(thresholds, scoring, masks, torch.tensor(refresh), update))
+            history.append(([p.clone() for p in params], [m.clone() for m in exp_avgs], kept.clone(),
+                            [m.clone() for m in masks]))
+        runs[name] = history
+    for (p, m, kept, masks), (p_ref, m_ref, kept_ref, masks_ref) in zip(runs["triton"], runs["reference"]):
+        assert torch.equal(kept, kept_ref) and all(torch.equal(a, b) for a, b in zip(masks, masks_ref))
+        for a, b in zip(p + m, p_ref + m_ref):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, equal_nan=True)  # grads[0] holds a NaN
+    first_masks = runs["triton"][0][3]
+    assert 0 < runs["triton"][0][2].sum() < sum(max(1, math.prod(s)) for s in shapes)
+    assert all(torch.equal(a, b) for a, b in zip(runs["triton"][1][3], first_masks))  # read, not rewritten
+
+
+@pytest.mark.parametrize("criterion", ["grad_over_weight", "random"])
+def test_criteria_histogram_across_chunks(criterion):
+    """Full and sampled passes over tensors of several histogram chunks (the sample list and the
+    chunk loop), mixed dtypes: the same histogram as the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(2 * HIST_CHUNK + 1000, generator=gen), torch.randn(3000, generator=gen).to(torch.bfloat16),
+             torch.randn(7, 9, generator=gen)]
+    thetas = [torch.randn(g.shape, generator=gen).to(g.dtype) for g in grads]
+    thetas[0][:100] = 0.0
+    fmt = radix.key_format_for([g.dtype for g in grads], criterion)
+    scoring = criterion_scoring(criterion, len(grads), thetas)
+    state = radix.initial_state([10, 10], [grads[0].numel() + 63, 3000], [0, 0], fmt)
+    for sample in (0, 1, 3):
+        state[0, radix.SAMPLE] = sample
+        ours, theirs = (torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64) for _ in range(2))
+        tb.radix_histogram(grads, [0, 1, 0], state, ours, key_format=fmt, scoring=scoring)
+        reference.radix_histogram(grads, [0, 1, 0], state, theirs, key_format=fmt, scoring=scoring)
+        assert torch.equal(ours, theirs), sample
+        assert ours[0, : radix.BINS + 1].sum() > 0
+
+
+def test_random_histogram_chunk_tiles_beyond_2_32():
+    """A direct launch without a sample list (picked blocks gathered into tiles per chunk) of the
+    random score, for a chunk whose entries start past 2**32: nothing is read, u of every picked
+    entry is counted."""
+    from gmt_kernels import scores
+
+    start = (1 << 32) + 5 * HIST_CHUNK
+    table = torch.tensor([[0, 0, 0, start + HIST_CHUNK, -(start // HIST_CHUNK)]], dtype=torch.int64)
+    fmt = radix.KEY_FORMATS_BY_NAME["u32"]
+    state = radix.initial_state([5], [start + HIST_CHUNK], [0], fmt)
+    state[0, radix.SAMPLE] = 2
+    hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
+    keys, offsets = torch.tensor([scores.random_key(1, 2, 3, 4)]), torch.tensor([123])
+    triton_histogram.radix_histogram_kernel[(1,)](
+        table, torch.zeros(1, dtype=torch.int32), state, hist, 1, 1,
+        torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, dtype=torch.int32), 0,  # no sample list: tiles
+        GRAD=triton_histogram.tl.float32, KEY_FLOAT=triton_histogram.tl.uint32, INF_KEY=0, ALIGNED=False,
+        BINS=radix.BINS, BLOCK=triton_histogram.BLOCK, ITERS=triton_histogram.ITERS,
+        STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK, random_keys=keys, entry_offsets=offsets,
+        CRITERION="random")
+    j = start + torch.arange(HIST_CHUNK)
+    u = scores.random_scores(1, 2, 3, 4, 123 + j[radix.sampled_blocks(j // radix.SAMPLE_BLOCK, 0, 2)])
+    expected = torch.bincount(u >> (fmt.key_bits - radix.RADIX_BITS), minlength=radix.BINS)
+    assert torch.equal(hist[0, : radix.BINS], expected) and hist[0, radix.NONFINITE] == 0
+    assert 0 < expected.sum() < HIST_CHUNK
+
+
+def test_float_arguments_reach_the_kernels_as_float64(monkeypatch):
+    """Compiled, Triton types a Python float argument float32 unless the parameter is annotated: every
+    float a launcher passes (hyper-parameters, score_eps as its float64 bits) must keep float64."""
+    import inspect
+
+    from gmt_kernels.options import AdamWOptions, MaskSource
+
+    seen = []
+    for module, name in ((triton_adamw, "masked_adamw_kernel"), (triton_histogram, "radix_histogram_kernel")):
+        kernel = getattr(module, name)
+        params = inspect.signature(kernel.fn).parameters
+
+        class Recording:
+            def __getitem__(self, grid, kernel=kernel, params=params):
+                def launch(*args, **kwargs):
+                    bound = inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+                    for arg, value in bound.arguments.items():
+                        if isinstance(value, float):
+                            seen.append(arg)
+                            assert params[arg].annotation in (tl.float64, "tl.float64"), arg
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(module, name, Recording())
+    tl = triton_adamw.tl
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(40, generator=gen, dtype=torch.float64)]
+    grads = [torch.randn(40, generator=gen, dtype=torch.float64)]
+    scoring = criterion_scoring("grad_over_weight", 1, params)
+    fmt = radix.key_format_for([torch.float64], "grad_over_weight")
+    state = radix.initial_state([5], [40], [0], fmt)
+    tb.radix_histogram(grads, [0], state, torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64), key_format=fmt,
+                       scoring=scoring)
+    tb.masked_adamw(params, grads, [torch.zeros(40, dtype=torch.float64)], [torch.zeros(40, dtype=torch.float64)], [],
+                    [torch.tensor(1.0)], torch.zeros(1, dtype=torch.int64),
+                    options=AdamWOptions(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0),
+                    mask=MaskSource(torch.ones(1, dtype=torch.float64), scoring))
+    assert {"lr", "eps"} <= set(seen)  # the check saw the update's floats
+
+
+def test_bad_criterion_inputs_are_refused_before_anything_changes():
+    from gmt_kernels.options import AdamWOptions, MaskSource, Scoring
+
+    p, g = torch.randn(4, 10), torch.randn(4, 10)
+    m, v, kept = torch.zeros(4, 10), torch.zeros(4, 10), torch.zeros(1, dtype=torch.int64)
+    before = p.clone()
+    options = AdamWOptions(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    thresholds = torch.zeros(1)
+    cases = [
+        (MaskSource(thresholds, masks=[torch.zeros(4, 1, dtype=torch.uint8)]), r"shape \(4, 2\)"),
+        (MaskSource(thresholds, refresh=torch.tensor(False)), "needs masks"),
+        (MaskSource(thresholds.double(), Scoring("random")), "random_keys"),
+    ]
+    for mask, message in cases:
+        with pytest.raises(ValueError, match=message):
+            tb.masked_adamw([p], [g], [m], [v], [], [torch.tensor(1.0)], kept, options=options, mask=mask)
+    assert torch.equal(p, before) and kept.sum() == 0
+    state = radix.initial_state([1], [40], [0], radix.KEY_FORMATS[torch.float32])
+    with pytest.raises(ValueError, match="u32"):
+        tb.radix_histogram([g], [0], state, torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64),
+                           key_format=radix.KEY_FORMATS[torch.float32], scoring=Scoring("random"))

@@ -19,6 +19,7 @@ the shared names belongs to the C++ kernels.
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -34,7 +35,7 @@ if "mask" not in inspect.signature(tl.histogram).parameters:
     )
 
 from ... import ops  # noqa: E402
-from ...options import GRAD, AdamWOptions, MaskSource  # noqa: E402
+from ...options import CRITERIA, GRAD, Scoring, records_from_schema  # noqa: E402
 from ...radix import KEY_FORMATS_BY_NAME  # noqa: E402
 from .. import Backend, register  # noqa: E402
 from .. import reference  # noqa: E402
@@ -88,28 +89,12 @@ def _ops_for(device: torch.device) -> tuple:
     return torch.ops.gmt_kernels.radix_histogram, torch.ops.gmt_kernels.masked_adamw
 
 
-def _require_grad_criterion(criterion: str, masks=(), update_params=True, refresh=None) -> None:
-    """The Triton kernels score |g| only so far (SEMANTICS.md section 8 is on its way): refuse the rest."""
-    if criterion != "grad":
-        raise RuntimeError(
-            f"backend 'triton' does not support criterion {criterion!r} yet; use backend='reference' for it, "
-            "or criterion='grad'."
-        )
-    if masks or refresh is not None or not update_params:
-        raise RuntimeError(
-            "backend 'triton' does not support stored masks (refresh_every != 1, select_mask) yet; use "
-            "backend='reference' for them, or refresh_every=1."
-        )
-
-
 def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD) -> None:
-    _require_grad_criterion(scoring.criterion)
     histogram_op, _ = _ops_for(hist.device)
     histogram_op(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
 
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask) -> None:
-    _require_grad_criterion(mask.scoring.criterion, mask.masks, mask.update_params, mask.refresh)
     _, adamw_op = _ops_for(kept.device)
     adamw_op(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
@@ -119,46 +104,37 @@ def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k
 
 # ---- the operator kernels ------------------------------------------------------------------------
 
-def _histogram_kernel(grads, scope_of, state, hist, key_format, *, criterion, score_eps, weights, random_keys,
-                      entry_offsets) -> None:
-    _require_grad_criterion(criterion)
+def _histogram_kernel(grads, scope_of, state, hist, key_format, **scoring) -> None:
+    """scoring: the schema's keyword arguments, which are options.Scoring's fields."""
     fmt = KEY_FORMATS_BY_NAME.get(key_format)
-    if fmt is None or fmt.integer:
+    if fmt is None:
         raise ValueError(
             f"radix_histogram: unknown key_format {key_format!r}; expected one of "
-            f"{', '.join(repr(f.name) for f in KEY_FORMATS_BY_NAME.values() if not f.integer)} "
-            "(radix.key_format_for picks one)."
+            f"{', '.join(map(repr, KEY_FORMATS_BY_NAME))} (radix.key_format_for picks one)."
         )
-    launch_histogram(grads, scope_of, state, hist, key_format=fmt)
+    launch_histogram(grads, scope_of, state, hist, key_format=fmt, scoring=Scoring(**scoring))
 
 
-def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, masks, *,
-                         lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode,
-                         grad_scale, skip, criterion, score_eps, random_keys, entry_offsets, refresh,
-                         update_params) -> None:
-    _require_grad_criterion(criterion, masks, update_params, refresh)
-    _launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
-                         lr=ops.joined_lr(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps,
-                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask_mode=mask_mode,
-                         grad_scale=grad_scale, skip=skip)
-
-
-def _launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
-                         lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip) -> None:
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                 maximize=maximize, mask_mode=mask_mode, grad_scale=grad_scale, skip=skip)
+def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, masks,
+                         **schema) -> None:
+    options, mask = records_from_schema(thresholds, masks, **schema)
 
     def one_tensor_by_reference(i: int) -> None:
         # For a tensor whose gradient or states are laid out unlike the parameter (a strided view
-        # with holes, different strides): the reference update of this one tensor, still on the
-        # device and without a host sync. Normal training never takes this path.
+        # with holes, different strides), or a non-contiguous one where entries are indexed
+        # row-major (random scores, stored masks): the reference update of this one tensor, still
+        # on the device and without a host sync. Normal training never takes this path.
+        one = slice(i, i + 1)
+        scoring = mask.scoring
+        if scoring.criterion == "random":
+            scoring = replace(scoring, random_keys=scoring.random_keys[one], entry_offsets=scoring.entry_offsets[one])
         reference.masked_adamw(
             [params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]],
-            [max_exp_avg_sqs[i]] if amsgrad else [], [steps[i]], kept[i : i + 1],
-            options=AdamWOptions(**hyper), mask=MaskSource(thresholds[i : i + 1]))
+            [max_exp_avg_sqs[i]] if options.amsgrad else [], [steps[i]], kept[one], options=options,
+            mask=replace(mask, thresholds=mask.thresholds[one], scoring=scoring, masks=tuple(mask.masks[one])))
 
-    launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
-                        fallback=one_tensor_by_reference, **hyper)
+    launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, options=options,
+                        mask=mask, fallback=one_tensor_by_reference)
 
 
 _library = torch.library.Library(ops.NAMESPACE, "IMPL")
@@ -176,5 +152,7 @@ register(
         radix_histogram=radix_histogram,
         masked_adamw=masked_adamw,
         auto_devices=("cuda",),
+        criteria=CRITERIA,
+        stored_masks=True,
     )
 )

@@ -1,7 +1,9 @@
 """The fused masked-AdamW pass (Backend.masked_adamw): one Triton launch for a param group's tensors.
 
 Per entry it reads g, p, m, v (and max_v with amsgrad) once, writes p, m, v (and max_v) once,
-decides "kept" by comparing |g| with the tensor's device threshold, and counts the kept entries
+decides "kept" by comparing the entry's score (scoring.py: |g|, |g| / (|p| + eps) or the random
+u, the criterion a compile-time constant) with the tensor's device threshold, or by its bit in the
+stored mask when the step reuses one, writes the bits on a refresh, and counts the kept entries
 with one atomic per program. Everything that varies per step (threshold, step count, tensor lr,
 grad_scale, skip flag) is read on the device, so the launch is the same every step and can be
 captured in a CUDA graph. Per-tensor scalars (bias corrections) are computed in float64 once per
@@ -17,8 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .histogram import TORCH_TO_TRITON, widen
+from .histogram import TORCH_TO_TRITON
+from .scoring import (CRITERIA, div_rn, eps_from_bits, float64_bits, narrow, random_key_halves, random_u, weight_score,
+                      widen)
 from .. import memory_order_view
+from ...masks import mask_rows, mask_shape
 from .tables import cached_plan, is_aligned, launch_table
 
 # 4 warps x 16 bytes of each tensor per thread per iteration (one 128-bit access: 4 fp32 or 8
@@ -37,15 +42,6 @@ def block_for(dtype: torch.dtype) -> int:
 
 
 @triton.jit
-def _div(x, y):
-    """IEEE round-to-nearest division, as torch computes it (Triton's `/` on float32 is approximate)."""
-    if x.dtype == tl.float64:
-        return x / y  # float64 division is always IEEE
-    else:
-        return tl.div_rn(x, y)
-
-
-@triton.jit
 def _sqrt(x):
     if x.dtype == tl.float64:
         return tl.sqrt(x)  # float64 sqrt is always IEEE
@@ -54,10 +50,68 @@ def _sqrt(x):
 
 
 @triton.jit
+def _score_keep(g, p, offs, threshold, entry_base, hi0, t0, t1, score_eps, CRITERION: tl.constexpr):
+    """The score rule (SEMANTICS.md section 8), in the threshold's type exactly as the histogram
+    pass scores: keep iff s >= threshold or s is NaN (u >= threshold for "random")."""
+    if CRITERION == "random":
+        return random_u(entry_base + offs, hi0, t0, t1).to(threshold.dtype) >= threshold  # u exact in float64
+    elif CRITERION == "grad_over_weight":
+        s = weight_score(g, p, score_eps, threshold.dtype)  # theta = p before this step's update
+        return (s >= threshold) | (s != s)
+    else:
+        # Scored after the exact widening to the threshold's type (the interpreter mishandles abs and
+        # != on bf16, which it keeps as raw integers). A NaN counts as the largest score: kept.
+        score = widen(g, threshold.dtype)
+        return (tl.abs(score) >= threshold) | (score != score)
+
+
+@triton.jit
+def _keep(g, p, offs, valid, threshold, entry_base, hi0, t0, t1, score_eps, mask_ptr, bytes_, byte_valid, refresh,
+          MASKED: tl.constexpr, CRITERION: tl.constexpr, HAS_MASKS: tl.constexpr):
+    """Which entries of the block are kept: the score rule, also written to the stored mask (bit
+    l % 8 of byte bytes_[l // 8] for lane l, LSB first), or, when refresh is 0, the stored bits."""
+    if HAS_MASKS:
+        BLOCK: tl.constexpr = offs.shape[0]
+        if refresh != 0:
+            keep = _score_keep(g, p, offs, threshold, entry_base, hi0, t0, t1, score_eps, CRITERION)
+            bits = tl.reshape((keep & valid).to(tl.int32), [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :]
+            if MASKED:
+                tl.store(mask_ptr + bytes_, tl.sum(bits, axis=1).to(tl.uint8), mask=byte_valid)
+            else:
+                tl.store(mask_ptr + bytes_, tl.sum(bits, axis=1).to(tl.uint8))
+        else:
+            if MASKED:
+                stored = tl.load(mask_ptr + bytes_, mask=byte_valid, other=0)
+            else:
+                stored = tl.load(mask_ptr + bytes_)
+            bits = (stored.to(tl.int32)[:, None] >> tl.arange(0, 8)[None, :]) & 1
+            keep = tl.reshape(bits, [BLOCK]) != 0
+    else:
+        keep = _score_keep(g, p, offs, threshold, entry_base, hi0, t0, t1, score_eps, CRITERION)
+    return keep
+
+
+@triton.jit
+def _select(p_ptr, g_ptr, offs, valid, threshold, entry_base, hi0, t0, t1, score_eps, mask_ptr, bytes_, byte_valid,
+            refresh, MASKED: tl.constexpr, CRITERION: tl.constexpr, HAS_MASKS: tl.constexpr):
+    """update_params=False (select_mask): the keep bits only, written to the stored masks and counted."""
+    g = offs
+    p = offs
+    if CRITERION != "random":
+        g = tl.load(g_ptr + offs, mask=valid, other=0.0)
+    if CRITERION == "grad_over_weight":
+        p = tl.load(p_ptr + offs, mask=valid, other=0.0)
+    keep = _keep(g, p, offs, valid, threshold, entry_base, hi0, t0, t1, score_eps, mask_ptr, bytes_, byte_valid,
+                 refresh, True, CRITERION, HAS_MASKS)
+    return tl.sum((keep & valid).to(tl.int32), axis=0)
+
+
+@triton.jit
 def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_scale, sign,
             decay, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bias_correction2_sqrt,
+            entry_base, hi0, t0, t1, score_eps, mask_ptr, bytes_, byte_valid, refresh,
             COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr, FREEZE: tl.constexpr,
-            HAS_GRAD_SCALE: tl.constexpr):
+            HAS_GRAD_SCALE: tl.constexpr, CRITERION: tl.constexpr, HAS_MASKS: tl.constexpr):
     """One block: SEMANTICS.md section 3, op for op as torch's single-tensor AdamW (IEEE division and
     square root, lerp's two-sided formula), so results match it to fp32 rounding."""
     if MASKED:
@@ -70,12 +124,10 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_s
         p = tl.load(p_ptr + offs)
         m = tl.load(m_ptr + offs)
         v = tl.load(v_ptr + offs)
-    # Scored after the exact widening to the threshold's type (the interpreter mishandles abs and
-    # != on bf16, which it keeps as raw integers). A NaN counts as the largest score: kept.
-    score = widen(g, threshold.dtype)
-    keep = (tl.abs(score) >= threshold) | (score != score)
+    keep = _keep(g, p, offs, valid, threshold, entry_base, hi0, t0, t1, score_eps, mask_ptr, bytes_, byte_valid,
+                 refresh, MASKED, CRITERION, HAS_MASKS)
     if HAS_GRAD_SCALE:
-        gc = _div(widen(g, COMPUTE), grad_scale) * sign
+        gc = div_rn(widen(g, COMPUTE), grad_scale) * sign
     else:  # no AMP: no division at all
         gc = widen(g, COMPUTE) * sign
     if not FREEZE:
@@ -96,15 +148,15 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_s
         second = vmax_new
     else:
         second = v_new
-    denom = _div(_sqrt(second), bias_correction2_sqrt) + eps
-    p_new = p_new + _div(m_new * neg_step_size, denom)
+    denom = div_rn(_sqrt(second), bias_correction2_sqrt) + eps
+    p_new = p_new + div_rn(m_new * neg_step_size, denom)
 
     out = p.dtype
-    p_out = p_new.to(out)
-    m_out = m_new.to(out)
-    v_out = v_new.to(out)
+    p_out = narrow(p_new, out)
+    m_out = narrow(m_new, out)
+    v_out = narrow(v_new, out)
     if AMSGRAD:
-        vmax_out = vmax_new.to(out)
+        vmax_out = narrow(vmax_new, out)
     if FREEZE:
         # Masked entries keep p, m, v (and max_v) bit for bit: the loaded values are written back.
         # A store mask that depends on the data would split every 128-bit store into scalar ones;
@@ -133,8 +185,26 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_s
 
 
 @triton.jit
+def _block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_scale, sign, decay, omb1, b2, omb2,
+           eps_c, neg_step_size, bias_correction2_sqrt, entry_base, hi0, t0, t1, score_eps, mask_ptr, bytes_,
+           byte_valid, refresh, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr,
+           FREEZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, CRITERION: tl.constexpr, HAS_MASKS: tl.constexpr,
+           UPDATE: tl.constexpr):
+    """The kept count of one block, updated (UPDATE) or only selected (select_mask)."""
+    if UPDATE:
+        return _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_scale, sign, decay, omb1,
+                       b2, omb2, eps_c, neg_step_size, bias_correction2_sqrt, entry_base, hi0, t0, t1, score_eps,
+                       mask_ptr, bytes_, byte_valid, refresh, COMPUTE, AMSGRAD, MASKED, FREEZE, HAS_GRAD_SCALE,
+                       CRITERION, HAS_MASKS)
+    else:
+        return _select(p_ptr, g_ptr, offs, valid, threshold, entry_base, hi0, t0, t1, score_eps, mask_ptr, bytes_,
+                       byte_valid, refresh, MASKED, CRITERION, HAS_MASKS)
+
+
+@triton.jit
 def masked_adamw_kernel(
-    table,  # int64 [n, 9]: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, index, numel, first chunk
+    table,  # int64 [n, COLUMNS]: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, index,
+            # [mask, inner (HAS_MASKS)], numel, first chunk
     chunk_owner,  # int32 [chunks]
     thresholds,  # [n] float32 or float64
     kept,  # int64 [n]
@@ -159,14 +229,22 @@ def masked_adamw_kernel(
     ITERS: tl.constexpr,
     FREEZE: tl.constexpr,  # mask_mode "freeze" (else "grad"): compile-time, so "grad" stores unmasked
     HAS_GRAD_SCALE: tl.constexpr,  # g is divided by *grad_scale_ptr (AMP); else no division at all
+    random_keys=None,  # random: int64 [n], the tensors' 32-bit keys
+    entry_offsets=None,  # random: int64 [n], index of each tensor's first entry in its parameter
+    score_eps_bits=None,  # grad_over_weight: scoring.float64_bits(score_eps)
+    refresh_ptr=None,  # with HAS_MASKS: 0-d uint8 (a bool as bytes), 0 = keep the stored bits; None = refresh
+    CRITERION: tl.constexpr = "grad",  # scoring.CRITERIA
+    HAS_MASKS: tl.constexpr = False,  # stored 1-bit masks: written on a refresh, else read
+    UPDATE: tl.constexpr = True,  # False (select_mask): write masks and kept only
 ):
+    COLUMNS: tl.constexpr = 11 if HAS_MASKS else 9
     skipped = 0
     if has_skip:
         skipped = tl.load(skip_ptr).to(tl.int32)
     if skipped != 0:  # a skipped step changes nothing and keeps nothing
         return
     pid = tl.program_id(0)
-    row = table + tl.load(chunk_owner + pid).to(tl.int64) * 9
+    row = table + tl.load(chunk_owner + pid).to(tl.int64) * COLUMNS
     t = tl.load(row + 6)  # index of this tensor in the call: its threshold and kept slot
     p_ptr = tl.load(row).to(tl.pointer_type(PARAM))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM))
@@ -174,8 +252,8 @@ def masked_adamw_kernel(
     v_ptr = tl.load(row + 3).to(tl.pointer_type(PARAM))
     vmax_ptr = tl.load(row + 4).to(tl.pointer_type(PARAM))
     step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    numel = tl.load(row + 7)
-    start = (pid - tl.load(row + 8)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
+    numel = tl.load(row + (COLUMNS - 2))
+    start = (pid - tl.load(row + (COLUMNS - 1))) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
     if ALIGNED:
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
@@ -222,21 +300,68 @@ def masked_adamw_kernel(
     omb2 = (1.0 - beta2).to(COMPUTE)
     eps_c = eps.to(COMPUTE)
 
+    # Scoring inputs beyond g and p: placeholders (dropped by the compiler) where unused.
+    score_eps_t = 0.0
+    entry_base = start
+    hi0 = 0
+    t0 = 0
+    t1 = 0
+    if CRITERION == "grad_over_weight":
+        score_eps_t = eps_from_bits(score_eps_bits, threshold.dtype)  # float32(score_eps) for float32 scores
+    if CRITERION == "random":
+        entry_base = tl.load(entry_offsets + t) + start  # index in the parameter of the chunk's first entry
+        # Entries from 7 before the chunk on (a stored-mask byte may start there: see below).
+        hi0, t0, t1 = random_key_halves(tl.load(random_keys + t), entry_base - tl.minimum(start, 8))
+    refresh = 1
+    mask_ptr = kept  # placeholder
+    inner = 8
+    if HAS_MASKS:
+        mask_ptr = tl.load(row + 7).to(tl.pointer_type(tl.uint8))
+        inner = tl.load(row + 8)  # entries per row of the (d0, inner) view; bytes per row: ceil(inner / 8)
+        if refresh_ptr is not None:
+            refresh = tl.load(refresh_ptr).to(tl.int32)
+
+    NB: tl.constexpr = BLOCK // 8  # stored-mask bytes per block
     lanes = tl.arange(0, BLOCK)
     count = 0
-    if start + BLOCK * ITERS <= numel:
-        # A full chunk: no masks, so loads and stores vectorise to 128 bits.
+    if (inner % 8) != 0:
+        # Stored masks whose rows end inside a byte: the program takes the whole bytes (up to 8
+        # entries, padding bits 0) that start in its chunk, as tiles of NB bytes x 8 entries, so that
+        # no byte is written by two programs. Offsets are from the chunk's start (down to -7).
+        bytes_per_row = (inner + 7) // 8
+        end = tl.minimum(start + BLOCK * ITERS, numel)
+        first_byte = (start // inner) * bytes_per_row + ((start % inner) + 7) // 8
+        end_byte = (end // inner) * bytes_per_row + ((end % inner) + 7) // 8
+        for i in range(tl.cdiv(end_byte - first_byte, NB).to(tl.int32)):
+            byte = first_byte + i * NB + tl.arange(0, NB)
+            byte_valid = byte < end_byte
+            r = byte // bytes_per_row
+            col = (byte - r * bytes_per_row)[:, None] * 8 + tl.arange(0, 8)[None, :]
+            offs = tl.reshape(r[:, None] * inner + col - start, [BLOCK])
+            valid = tl.reshape(byte_valid[:, None] & (col < inner), [BLOCK])
+            count += _block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, valid, threshold, grad_scale, sign, decay,
+                            omb1, b2, omb2, eps_c, neg_step_size, bias_correction2_sqrt, entry_base, hi0, t0, t1,
+                            score_eps_t, mask_ptr, byte, byte_valid, refresh, COMPUTE, AMSGRAD, True, FREEZE,
+                            HAS_GRAD_SCALE, CRITERION, HAS_MASKS, UPDATE)
+    elif start + BLOCK * ITERS <= numel:
+        # A full chunk: no per-lane predicates, so loads and stores vectorise to 128 bits. Rows
+        # of the stored mask are whole bytes here: the chunk's bytes are its entries / 8.
         for i in range(ITERS):
-            count += _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, i * BLOCK + lanes, lanes >= 0, threshold,
-                             grad_scale, sign, decay, omb1, b2, omb2, eps_c, neg_step_size,
-                             bias_correction2_sqrt, COMPUTE, AMSGRAD, False, FREEZE, HAS_GRAD_SCALE)
+            byte = start // 8 + i * NB + tl.arange(0, NB)
+            count += _block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, i * BLOCK + lanes, lanes >= 0, threshold,
+                            grad_scale, sign, decay, omb1, b2, omb2, eps_c, neg_step_size,
+                            bias_correction2_sqrt, entry_base, hi0, t0, t1, score_eps_t, mask_ptr, byte, byte >= 0,
+                            refresh, COMPUTE, AMSGRAD, False, FREEZE, HAS_GRAD_SCALE, CRITERION, HAS_MASKS, UPDATE)
     else:
         remaining = numel - start
         for i in range(tl.cdiv(remaining, BLOCK).to(tl.int32)):
             offs = i * BLOCK + lanes
-            count += _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < remaining, threshold,
-                             grad_scale, sign, decay, omb1, b2, omb2, eps_c, neg_step_size,
-                             bias_correction2_sqrt, COMPUTE, AMSGRAD, True, FREEZE, HAS_GRAD_SCALE)
+            byte = start // 8 + i * NB + tl.arange(0, NB)
+            count += _block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < remaining, threshold,
+                            grad_scale, sign, decay, omb1, b2, omb2, eps_c, neg_step_size,
+                            bias_correction2_sqrt, entry_base, hi0, t0, t1, score_eps_t, mask_ptr, byte,
+                            (i * NB + tl.arange(0, NB)) * 8 < remaining, refresh, COMPUTE, AMSGRAD, True, FREEZE,
+                            HAS_GRAD_SCALE, CRITERION, HAS_MASKS, UPDATE)
     tl.atomic_add(kept + t, count.to(tl.int64), sem="relaxed")
 
 
@@ -244,8 +369,24 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf  # 0**step = 0 for every step >= 1
 
 
-def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad) -> tuple:
-    """(tensors to update by reference, [(aligned, LaunchTable)]): one launch per alignment."""
+def _check_masks(params, masks) -> None:
+    if len(masks) != len(params):
+        raise ValueError(f"masked_adamw: {len(masks)} stored masks for {len(params)} parameters; pass one per "
+                         "parameter, or none.")
+    for i, (p, m) in enumerate(zip(params, masks)):
+        if (m.dtype != torch.uint8 or tuple(m.shape) != mask_shape(p.shape) or not m.is_contiguous()
+                or m.device != p.device):
+            raise ValueError(
+                f"masked_adamw: stored mask {i} is a {m.dtype} tensor of shape {tuple(m.shape)} on {m.device}; a "
+                f"parameter of shape {tuple(p.shape)} takes a contiguous uint8 tensor of shape {mask_shape(p.shape)} on "
+                f"{p.device} (1 bit per entry, rows of its (d0, inner) view, LSB first)."
+            )
+
+
+def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major) -> tuple:
+    """(tensors to update by reference, [(aligned, LaunchTable)]): one launch per alignment.
+    row_major: entries are indexed row-major (random scores, stored masks), so only contiguous
+    parameters go to the kernel (which indexes memory order)."""
     device, dtype = params[0].device, params[0].dtype
     launches = defaultdict(lambda: ([], []))
     by_reference = []
@@ -259,12 +400,14 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad)
         if p.numel() == 0:
             continue
         flats = [memory_order_view(x) for x in tensors]
-        if any(f is None for f in flats) or any(x.stride() != p.stride() or x.dtype != dtype for x in tensors):
+        if (any(f is None for f in flats) or any(x.stride() != p.stride() or x.dtype != dtype for x in tensors)
+                or (row_major and not p.is_contiguous())):
             by_reference.append(i)
             continue
         ptrs = [f.data_ptr() for f in flats] + ([] if amsgrad else [0])
         rows, numels = launches[is_aligned(*flats)]
-        rows.append((*ptrs, steps[i].data_ptr(), i))  # i: the threshold / kept slot
+        stored = (masks[i].data_ptr(), mask_rows(p.shape)[1]) if masks else ()  # mask, inner
+        rows.append((*ptrs, steps[i].data_ptr(), i, *stored))  # i: the threshold / kept slot
         numels.append(p.numel())
     if launches:
         for step in steps:
@@ -275,39 +418,74 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad)
     return by_reference, tables
 
 
-def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
-                        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip,
+def _check_mask_source(mask, n: int) -> None:
+    scoring = mask.scoring
+    if scoring.criterion not in CRITERIA:
+        raise ValueError(f"masked_adamw: unknown criterion {scoring.criterion!r}; expected one of "
+                         f"{', '.join(map(repr, CRITERIA))}.")
+    if mask.thresholds.dtype not in (torch.float32, torch.float64):
+        raise ValueError("masked_adamw: thresholds must be a float32/float64 tensor.")
+    if scoring.criterion == "random":
+        if mask.thresholds.dtype != torch.float64:
+            raise ValueError("masked_adamw: criterion 'random' compares u with float64 thresholds (u32 key format).")
+        for name in ("random_keys", "entry_offsets"):
+            value = getattr(scoring, name)
+            if value is None or value.dtype != torch.int64 or value.dim() != 1 or value.numel() < n:
+                raise ValueError(
+                    f"masked_adamw: criterion 'random' needs {name} as an int64 tensor of one value per tensor ({n}); "
+                    f"got {None if value is None else (value.dtype, tuple(value.shape))}."
+                )
+    if mask.refresh is not None and not mask.masks:
+        raise ValueError("masked_adamw: refresh says whether to write or read the stored masks; it needs masks "
+                         "(one uint8 tensor per parameter).")
+
+
+def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask,
                         fallback) -> None:
-    """`fallback(i)` updates tensor i another way: used only for tensors whose layouts differ."""
+    """options: options.AdamWOptions, mask: options.MaskSource. `fallback(i)` updates tensor i another
+    way: used only for tensors whose layouts differ (or, with row-major indexing, non-contiguous ones)."""
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    if thresholds.dtype not in (torch.float32, torch.float64) or kept.dtype != torch.int64:
-        raise ValueError("masked_adamw: thresholds must be float32/float64 and kept int64 tensors.")
-    tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs, *(max_exp_avg_sqs if amsgrad else []), *steps]
+    if kept.dtype != torch.int64:
+        raise ValueError("masked_adamw: kept must be an int64 tensor.")
+    _check_mask_source(mask, len(params))
+    masks, amsgrad, criterion = list(mask.masks), bool(options.amsgrad), mask.scoring.criterion
+    if masks:
+        _check_masks(params, masks)
+    row_major = bool(masks) or criterion == "random"
+    tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs, *(max_exp_avg_sqs if amsgrad else []), *steps, *masks]
     by_reference, tables = cached_plan(
-        tensors, (device, bool(amsgrad), len(params)),
-        lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad), True))
+        tensors, (device, amsgrad, len(params), bool(masks), row_major),
+        lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major), True))
     for i in by_reference:
         fallback(i)  # e.g. a gradient laid out unlike its parameter: rare, handled tensor by tensor
     if not tables:
         return
+    lr, skip, grad_scale = options.lr, options.skip, options.grad_scale
     lr_is_tensor = isinstance(lr, torch.Tensor)
     unused = _placeholder(device)  # a valid pointer for arguments the kernel is told not to read
     lr_tensor = lr.to(device, non_blocking=True) if lr_is_tensor else unused
     scale = grad_scale if grad_scale is not None else unused
     skip_bytes = skip.view(torch.uint8) if skip is not None else unused.view(torch.uint8)
+    scoring = mask.scoring
+    # Criterion inputs as None where unused: compile-time absent, so the "grad" variants are unchanged.
+    extra = dict(random_keys=scoring.random_keys if criterion == "random" else None,
+                 entry_offsets=scoring.entry_offsets if criterion == "random" else None,
+                 score_eps_bits=float64_bits(scoring.score_eps) if criterion == "grad_over_weight" else None,
+                 refresh_ptr=mask.refresh.view(torch.uint8) if masks and mask.refresh is not None else None)
     block = block_for(dtype)
     for aligned, lt in tables:
         masked_adamw_kernel[(lt.num_chunks,)](
-            lt.table, lt.chunk_owner, thresholds, kept, lr_tensor, scale, skip_bytes,
-            0.0 if lr_is_tensor else float(lr), float(weight_decay), float(beta1), float(beta2),
-            _log(float(beta1)), _log(float(beta2)), float(eps),
-            int(lr_is_tensor), int(skip is not None), int(maximize),
-            PARAM=TORCH_TO_TRITON[dtype], COMPUTE=TORCH_TO_TRITON[compute], AMSGRAD=bool(amsgrad),
-            ALIGNED=aligned, BLOCK=block, ITERS=ITERS, FREEZE=mask_mode == "freeze",
-            HAS_GRAD_SCALE=grad_scale is not None, num_warps=NUM_WARPS,
+            lt.table, lt.chunk_owner, mask.thresholds, kept, lr_tensor, scale, skip_bytes,
+            0.0 if lr_is_tensor else float(lr), float(options.weight_decay), float(options.beta1),
+            float(options.beta2), _log(float(options.beta1)), _log(float(options.beta2)), float(options.eps),
+            int(lr_is_tensor), int(skip is not None), int(options.maximize), **extra,
+            PARAM=TORCH_TO_TRITON[dtype], COMPUTE=TORCH_TO_TRITON[compute], AMSGRAD=amsgrad,
+            ALIGNED=aligned, BLOCK=block, ITERS=ITERS, FREEZE=options.mask_mode == "freeze",
+            HAS_GRAD_SCALE=grad_scale is not None, CRITERION=criterion, HAS_MASKS=bool(masks),
+            UPDATE=bool(mask.update_params), num_warps=NUM_WARPS,
         )
 
 

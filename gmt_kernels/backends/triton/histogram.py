@@ -1,7 +1,8 @@
 """The histogram pass (Backend.radix_histogram) as one Triton launch per gradient dtype.
 
 A persistent grid (a few programs per SM) walks the CHUNKs of the launch (see tables.py). Per
-chunk a program turns |g| into integer keys in the scope's key format, histograms the keys inside
+chunk a program turns the scores (|g|; or, the criterion a compile-time constant, |g| / (|theta| +
+eps) or the random u: scoring.py) into integer keys in the scope's key format, histograms the keys inside
 the scope's interval [LO, LAST] by (key - LO) >> SHIFT (tl.histogram, BLOCK = 4096 entries per
 call, so that the call's fixed shared-memory work, zeroing and reading back 4096 bins, is one
 load and one store per entry), counts the keys above LAST and the non-finite ones in per-lane
@@ -31,6 +32,7 @@ import triton.language as tl
 from ... import radix
 from ...radix import KeyFormat
 from .. import memory_order_view
+from .scoring import CRITERIA, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
 from .tables import cached_plan, is_aligned, launch_table, sample_list
 
 # 16 warps x 8 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
@@ -55,17 +57,6 @@ TORCH_TO_TRITON = {
 
 
 @triton.jit
-def widen(x, dtype: tl.constexpr):
-    """x converted exactly to a wider float type. bfloat16 is the top half of a float32, so it
-    widens by a shift of its bits: what the GPU does anyway, and the interpreter's own conversion
-    gets bfloat16 denormals (and bfloat16 -> float64) wrong."""
-    if x.dtype == tl.bfloat16:
-        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True).to(dtype)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
 def _keys(g, KEY_FLOAT: tl.constexpr):
     """Integer keys of |g| read in KEY_FLOAT: the bit pattern without the sign bit (monotone in |g|).
 
@@ -76,6 +67,46 @@ def _keys(g, KEY_FLOAT: tl.constexpr):
         return widen(g, tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
     else:  # the scope is one 16-bit dtype: g is already in KEY_FLOAT
         return g.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+
+
+@triton.jit
+def _bounds(scope_state, KEY_FLOAT: tl.constexpr):
+    """(LO, LAST, SHIFT) of a scope: int64 for 63-bit (f64) and 32-bit (u32) keys, else int32."""
+    if KEY_FLOAT == tl.float64:
+        return tl.load(scope_state), tl.load(scope_state + 1), tl.load(scope_state + 2)
+    elif KEY_FLOAT == tl.uint32:
+        return tl.load(scope_state), tl.load(scope_state + 1), tl.load(scope_state + 2)
+    else:  # 15- and 31-bit keys are int32
+        return (tl.load(scope_state).to(tl.int32), tl.load(scope_state + 1).to(tl.int32),
+                tl.load(scope_state + 2).to(tl.int32))
+
+
+@triton.jit
+def _block_keys(ptr, wptr, offs, valid, MASKED: tl.constexpr, entry0, hi0, t0, t1, eps, KEY_FLOAT: tl.constexpr,
+                INF_KEY: tl.constexpr, CRITERION: tl.constexpr):
+    """Keys of the scores of entries offs (offsets from ptr and wptr; entry0 + offs: their indices
+    in the whole parameter, for "random"). Unmasked loads when not MASKED (128 bits wide)."""
+    if CRITERION == "random":  # neither g nor theta is read
+        return random_u(entry0 + offs, hi0, t0, t1).to(tl.int64)
+    else:
+        if MASKED:
+            g = tl.load(ptr + offs, mask=valid, other=0.0)
+        else:
+            g = tl.load(ptr + offs)
+        if CRITERION == "grad_over_weight":
+            if MASKED:
+                theta = tl.load(wptr + offs, mask=valid, other=0.0)
+            else:
+                theta = tl.load(wptr + offs)
+            key = _keys(weight_score(g, theta, eps, KEY_FLOAT), KEY_FLOAT)
+            # Every NaN score (g or theta NaN, 0/0, inf/inf: payloads differ by hardware) has one
+            # key, the format's largest (radix.entry_scores).
+            if KEY_FLOAT == tl.float64:
+                return tl.where(key > INF_KEY, 0x7FFFFFFFFFFFFFFF, key)
+            else:
+                return tl.where(key > INF_KEY, 0x7FFFFFFF, key)
+        else:
+            return _keys(g, KEY_FLOAT)
 
 
 @triton.jit
@@ -106,9 +137,32 @@ def _picked_tile(start, remaining, salt, sample, group, SAMPLE_BLOCK: tl.constex
 
 
 @triton.jit
-def _count_item(item, items, picked, table, state, hist, GRAD: tl.constexpr, KEY_FLOAT: tl.constexpr,
-                INF_KEY: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr, STATE_COLUMNS: tl.constexpr,
-                SAMPLE_BLOCK: tl.constexpr):
+def _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps_bits, WEIGHT: tl.constexpr,
+                    KEY_FLOAT: tl.constexpr, CRITERION: tl.constexpr):
+    """What _block_keys needs of one tensor besides g: (theta's pointer, table column 3, and eps
+    in the score type: grad_over_weight; the tensor's first entry index and the hash's halves for
+    entries from `low` on: random). Unused parts are placeholders the compiler drops."""
+    wptr = ptr
+    eps = 0.0
+    entry0 = 0
+    hi0 = 0
+    t0 = 0
+    t1 = 0
+    if CRITERION == "grad_over_weight":
+        wptr = tl.load(row + 3).to(tl.pointer_type(WEIGHT))
+        eps = eps_from_bits(score_eps_bits, KEY_FLOAT)
+    if CRITERION == "random":
+        index = tl.load(row + 2)  # the tensor's index in the call: its key and entry offset
+        entry0 = tl.load(entry_offsets + index)
+        hi0, t0, t1 = random_key_halves(tl.load(random_keys + index), entry0 + low)
+    return wptr, eps, entry0, hi0, t0, t1
+
+
+@triton.jit
+def _count_item(item, items, picked, table, state, hist, random_keys, entry_offsets, score_eps_bits,
+                GRAD: tl.constexpr, WEIGHT: tl.constexpr, KEY_FLOAT: tl.constexpr, INF_KEY: tl.constexpr,
+                CRITERION: tl.constexpr, COLUMNS: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr,
+                STATE_COLUMNS: tl.constexpr, SAMPLE_BLOCK: tl.constexpr):
     """One item of a sample list: up to BLOCK // SAMPLE_BLOCK picked blocks of one tensor, one
     tl.histogram call. Blocks the scope's own rate does not pick are masked (the list may have
     been built at a lower rate than the scope's, e.g. for a shard of a larger scope)."""
@@ -116,35 +170,35 @@ def _count_item(item, items, picked, table, state, hist, GRAD: tl.constexpr, KEY
     t = tl.load(items + item * 3)
     first = tl.load(items + item * 3 + 1)
     count = tl.load(items + item * 3 + 2)
-    row = table + t * 5
+    row = table + t * COLUMNS
     scope = tl.load(row + 1)
     scope_state = state + scope * STATE_COLUMNS
     if (tl.load(scope_state + 4) == 0) & (tl.load(scope_state + 3) != 0):
         sample = tl.load(scope_state + 3).to(tl.int32)
         salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)
-        numel = tl.load(row + 3)
+        numel = tl.load(row + (COLUMNS - 2))
         ptr = tl.load(row).to(tl.pointer_type(GRAD))
-        if KEY_FLOAT == tl.float64:
-            lo = tl.load(scope_state)
-            last = tl.load(scope_state + 1)
-            shift = tl.load(scope_state + 2)
-        else:
-            lo = tl.load(scope_state).to(tl.int32)
-            last = tl.load(scope_state + 1).to(tl.int32)
-            shift = tl.load(scope_state + 2).to(tl.int32)
+        lo, last, shift = _bounds(scope_state, KEY_FLOAT)
         slots = tl.arange(0, SLOTS)
         block = tl.load(picked + first + slots, mask=slots < count, other=0).to(tl.int64)
         used = (slots < count) & _sampled(block, salt, sample)
         offs = block[:, None] * SAMPLE_BLOCK + tl.arange(0, SAMPLE_BLOCK)[None, :]
         valid = tl.reshape(used[:, None] & (offs < numel), [BLOCK])
-        g = tl.load(ptr + tl.reshape(offs, [BLOCK]), mask=valid, other=0.0)
-        key = _keys(g, KEY_FLOAT)
+        low = 0
+        if CRITERION == "random":  # the list is ascending: the item's first block bounds its entries
+            low = tl.load(picked + first).to(tl.int64) * SAMPLE_BLOCK
+        wptr, eps, entry0, hi0, t0, t1 = _tensor_scoring(row, ptr, low, random_keys, entry_offsets, score_eps_bits,
+                                                         WEIGHT, KEY_FLOAT, CRITERION)
+        key = _block_keys(ptr, wptr, tl.reshape(offs, [BLOCK]), valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT,
+                          INF_KEY, CRITERION)
         inside = valid & (key >= lo) & (key <= last)
         counts = tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
         out = hist + scope * (BINS + 2)
         tl.atomic_add(out + tl.arange(0, BINS), counts.to(tl.int64), mask=counts > 0, sem="relaxed")
         above = tl.sum((valid & (key > last)).to(tl.int32), axis=0)
-        nonfinite = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), axis=0)
+        nonfinite = 0
+        if CRITERION != "random":  # u has no non-finite values: NONFINITE stays 0
+            nonfinite = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), axis=0)
         if above > 0:
             tl.atomic_add(out + BINS, above.to(tl.int64), sem="relaxed")
         if nonfinite > 0:
@@ -153,7 +207,7 @@ def _count_item(item, items, picked, table, state, hist, GRAD: tl.constexpr, KEY
 
 @triton.jit
 def radix_histogram_kernel(
-    table,  # int64 [n, 5]: data_ptr, scope row, index in the call, numel, first chunk
+    table,  # int64 [n, COLUMNS]: data_ptr, scope row, index in the call, [theta's data_ptr,] numel, first chunk
     chunk_owner,  # int32 [chunks]
     state,  # int64 [S, STATE_COLUMNS]
     hist,  # int64 [S, BINS + 2]
@@ -163,7 +217,7 @@ def radix_histogram_kernel(
     picked,  # int32: block indices of the sampled blocks
     num_items,  # 0: no list, sampled chunks are read through _picked_tile
     GRAD: tl.constexpr,  # element type of every gradient of this launch
-    KEY_FLOAT: tl.constexpr,  # float type of the key format
+    KEY_FLOAT: tl.constexpr,  # float type of the key format; tl.uint32 for the random score's u32 keys
     INF_KEY: tl.constexpr,  # the format's smallest non-finite key
     ALIGNED: tl.constexpr,  # every data_ptr is 16-byte aligned: allow 128-bit loads
     BINS: tl.constexpr,
@@ -171,7 +225,13 @@ def radix_histogram_kernel(
     ITERS: tl.constexpr,
     STATE_COLUMNS: tl.constexpr,
     SAMPLE_BLOCK: tl.constexpr,
+    random_keys=None,  # random: int64 [tensors of the call], each tensor's 32-bit key
+    entry_offsets=None,  # random: int64 [tensors of the call], index of each tensor's first entry in its parameter
+    score_eps_bits=None,  # grad_over_weight: scoring.float64_bits(score_eps)
+    CRITERION: tl.constexpr = "grad",  # scoring.CRITERIA
+    WEIGHT: tl.constexpr = None,  # grad_over_weight: element type of theta
 ):
+    COLUMNS: tl.constexpr = 6 if CRITERION == "grad_over_weight" else 5
     # A dead pass (every scope DONE) ends here, after one read of the DONE and SAMPLE flags; a
     # sampled pass with a sample list does not visit the chunks, a full pass not the list.
     full_active = 0
@@ -189,14 +249,14 @@ def radix_histogram_kernel(
     lanes = tl.arange(0, BLOCK)
     if sampled_active > 0:
         for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
-            _count_item(item, items, picked, table, state, hist, GRAD, KEY_FLOAT, INF_KEY, BINS, BLOCK,
-                        STATE_COLUMNS, SAMPLE_BLOCK)
+            _count_item(item, items, picked, table, state, hist, random_keys, entry_offsets, score_eps_bits, GRAD, WEIGHT,
+                        KEY_FLOAT, INF_KEY, CRITERION, COLUMNS, BINS, BLOCK, STATE_COLUMNS, SAMPLE_BLOCK)
     chunks = num_chunks
     if (full_active == 0) & listed:
         chunks = 0
     for chunk in tl.range(tl.program_id(0), chunks, tl.num_programs(0)):
         t = tl.load(chunk_owner + chunk).to(tl.int64)
-        row = table + t * 5
+        row = table + t * COLUMNS
         scope = tl.load(row + 1)
         scope_state = state + scope * STATE_COLUMNS  # columns (radix.py): LO, LAST, SHIFT, SAMPLE, DONE, ...
         skip = tl.load(scope_state + 4) != 0  # DONE scopes need no more passes
@@ -204,21 +264,23 @@ def radix_histogram_kernel(
             skip = skip | (tl.load(scope_state + 3) != 0)  # the list serves sampled scopes
         if ~skip:
             salt = (((tl.load(row + 2) & 0x7FFFFFFF) * 0x85EBCA77) & 0xFFFFFFFF).to(tl.uint32)  # the tensor's index
-            numel = tl.load(row + 3)
-            start = (chunk - tl.load(row + 4)) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
+            numel = tl.load(row + (COLUMNS - 2))
+            start = (chunk - tl.load(row + (COLUMNS - 1))) * (BLOCK * ITERS)  # int64: tensors beyond 2**31 entries
             ptr = tl.load(row).to(tl.pointer_type(GRAD))
+            wptr, eps, entry0, hi0, t0, t1 = _tensor_scoring(row, ptr, start, random_keys, entry_offsets, score_eps_bits,
+                                                             WEIGHT, KEY_FLOAT, CRITERION)
             if ALIGNED:
                 ptr = tl.multiple_of(ptr, 16)
             base = ptr + start
+            wbase = base
+            if CRITERION == "grad_over_weight":
+                if ALIGNED:
+                    wptr = tl.multiple_of(wptr, 16)
+                wbase = wptr + start
+            if CRITERION == "random":
+                entry0 += start
             sample = tl.load(scope_state + 3).to(tl.int32)
-            if KEY_FLOAT == tl.float64:
-                lo = tl.load(scope_state)
-                last = tl.load(scope_state + 1)
-                shift = tl.load(scope_state + 2)
-            else:  # 15- and 31-bit keys are int32
-                lo = tl.load(scope_state).to(tl.int32)
-                last = tl.load(scope_state + 1).to(tl.int32)
-                shift = tl.load(scope_state + 2).to(tl.int32)
+            lo, last, shift = _bounds(scope_state, KEY_FLOAT)
             remaining = numel - start
             full = remaining >= BLOCK * ITERS
             if sample != 0:  # tiles of picked blocks
@@ -235,20 +297,23 @@ def radix_histogram_kernel(
             for i in range(tiles):
                 if sample != 0:
                     offs, valid = _picked_tile(start, remaining, salt, sample, i, SAMPLE_BLOCK, BLOCK, BLOCK * ITERS)
-                    g = tl.load(base + offs, mask=valid, other=0.0)
+                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, INF_KEY,
+                                      CRITERION)
                 elif full:
                     # Unmasked: the compiler can vectorise (a tail's per-lane mask forces scalar loads).
                     valid = lanes >= 0
-                    g = tl.load(base + i * BLOCK + lanes)
+                    key = _block_keys(base + i * BLOCK, wbase + i * BLOCK, lanes, valid, False, entry0 + i * BLOCK, hi0,
+                                      t0, t1, eps, KEY_FLOAT, INF_KEY, CRITERION)
                 else:
                     offs = i * BLOCK + lanes
                     valid = offs < remaining
-                    g = tl.load(base + offs, mask=valid, other=0.0)
-                key = _keys(g, KEY_FLOAT)
+                    key = _block_keys(base, wbase, offs, valid, True, entry0, hi0, t0, t1, eps, KEY_FLOAT, INF_KEY,
+                                      CRITERION)
                 inside = valid & (key >= lo) & (key <= last)
                 counts += tl.histogram(((key - lo) >> shift).to(tl.int32), BINS, mask=inside)
                 above += (valid & (key > last)).to(tl.int32)
-                nonfinite += (valid & (key >= INF_KEY)).to(tl.int32)
+                if CRITERION != "random":  # u has no non-finite values: NONFINITE stays 0
+                    nonfinite += (valid & (key >= INF_KEY)).to(tl.int32)
             out = hist + scope * (BINS + 2)
             bins = tl.arange(0, BINS)
             tl.atomic_add(out + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
@@ -260,37 +325,101 @@ def radix_histogram_kernel(
                 tl.atomic_add(out + BINS + 1, nonfinite_total.to(tl.int64), sem="relaxed")
 
 
-def _plan(grads, scope_of, device) -> tuple:
-    """([(dtype, aligned, LaunchTable, temporaries)], cacheable): one launch per (dtype, alignment)."""
+def _flat_pair(grad: torch.Tensor, theta: torch.Tensor, keep_alive: list) -> tuple:
+    """1-D views of g and theta whose positions pair up, as the reference backend reads them: memory
+    order when it is the same for both (the sample picks blocks of it), else row-major copies."""
+    if theta.shape != grad.shape:
+        raise ValueError(
+            f"radix_histogram: criterion 'grad_over_weight' got a weight of shape {tuple(theta.shape)} for a "
+            f"gradient of shape {tuple(grad.shape)}; pass each parameter (theta) with its own gradient."
+        )
+    flat, flat_theta = memory_order_view(grad), memory_order_view(theta)
+    if flat is None or flat_theta is None or theta.stride() != grad.stride():
+        flat, flat_theta = grad.reshape(-1).contiguous(), theta.reshape(-1).contiguous()
+        keep_alive.extend((flat, flat_theta))
+    return flat, flat_theta
+
+
+def inf_key_for(key_float) -> int:
+    """INF_KEY of a key type: the float format's smallest non-finite key; 0 for u32 keys (the
+    random score has no non-finite values, and the kernel does not count them)."""
+    if key_float == tl.uint32:
+        return 0
+    return radix.KEY_FORMATS[{v: k for k, v in TORCH_TO_TRITON.items()}[key_float]].inf_key
+
+
+def _plan(grads, scope_of, scoring, device) -> tuple:
+    """([(grad dtype, theta dtype, aligned, LaunchTable, SampleList, temporaries)], cacheable): one
+    launch per (dtype of g, dtype of theta, alignment); "random" reads neither, so one launch."""
     launches = defaultdict(lambda: ([], []))
     keep_alive = []
+    criterion = scoring.criterion
+    weights = list(scoring.weights)
+    if criterion == "grad_over_weight" and len(weights) != len(grads):
+        raise ValueError(
+            f"radix_histogram: criterion 'grad_over_weight' needs one weight (theta) per gradient; got "
+            f"{len(weights)} weights for {len(grads)} gradients."
+        )
     for index, (grad, scope) in enumerate(zip(grads, scope_of)):
         if grad.numel() == 0:
             continue
-        flat = memory_order_view(grad)
-        if flat is None:
-            # A strided view with holes (rare for gradients): a temporary copy of this one tensor.
-            flat = grad.reshape(-1).contiguous()
-            keep_alive.append(flat)
-        rows, numels = launches[(grad.dtype, is_aligned(flat))]
-        rows.append((flat.data_ptr(), int(scope), index))
+        if criterion == "random":  # entry j is scored from its index alone: nothing is read
+            rows, numels = launches[(torch.float32, None, False)]
+            rows.append((0, int(scope), index))
+            numels.append(grad.numel())
+            continue
+        if criterion == "grad_over_weight":
+            flat, theta = _flat_pair(grad, weights[index], keep_alive)
+            rows, numels = launches[(grad.dtype, theta.dtype, is_aligned(flat, theta))]
+            rows.append((flat.data_ptr(), int(scope), index, theta.data_ptr()))
+        else:
+            flat = memory_order_view(grad)
+            if flat is None:
+                # A strided view with holes (rare for gradients): a temporary copy of this one tensor.
+                flat = grad.reshape(-1).contiguous()
+                keep_alive.append(flat)
+            rows, numels = launches[(grad.dtype, None, is_aligned(flat))]
+            rows.append((flat.data_ptr(), int(scope), index))
         numels.append(flat.numel())
     # Sample lists at the rate of each scope's entries in this call (at least 1/2): the scope's own
     # rate on the device is the same, or higher for a shard of a larger scope (a subset of these).
     scope_numel = defaultdict(int)
     for (rows, numels) in launches.values():
-        for (_, scope, _), n in zip(rows, numels):
-            scope_numel[scope] += n
+        for row, n in zip(rows, numels):
+            scope_numel[row[1]] += n
     plan = []
-    for (dtype, aligned), (rows, numels) in launches.items():
-        log2s = [max(1, radix.sample_log2(scope_numel[scope])) for _, scope, _ in rows]
-        samples = sample_list(numels, [index for _, _, index in rows], log2s, radix.SAMPLE_BLOCK,
+    for (dtype, weight, aligned), (rows, numels) in launches.items():
+        log2s = [max(1, radix.sample_log2(scope_numel[row[1]])) for row in rows]
+        samples = sample_list(numels, [row[2] for row in rows], log2s, radix.SAMPLE_BLOCK,
                               BLOCK // radix.SAMPLE_BLOCK, device)
-        plan.append((dtype, aligned, launch_table(rows, numels, CHUNK, device), samples, keep_alive))
+        plan.append((dtype, weight, aligned, launch_table(rows, numels, CHUNK, device), samples, keep_alive))
     return plan, not keep_alive  # a copy is made afresh for every call
 
 
-def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> None:
+def _check_scoring(scoring, key_format: KeyFormat, n: int) -> None:
+    """The score's key format and per-tensor inputs, before anything is launched."""
+    criterion = scoring.criterion
+    if criterion not in CRITERIA:
+        raise ValueError(
+            f"radix_histogram: unknown criterion {criterion!r}; expected one of {', '.join(map(repr, CRITERIA))}."
+        )
+    wanted = {"random": ("u32",), "grad_over_weight": ("f32", "f64")}.get(criterion)
+    if wanted is not None and key_format.name not in wanted:
+        raise ValueError(
+            f"radix_histogram: criterion {criterion!r} scores in key format {' or '.join(wanted)}, not "
+            f"{key_format.name!r}; take the key format the frontend picks for it (radix.py)."
+        )
+    if criterion == "random":
+        for name in ("random_keys", "entry_offsets"):
+            value = getattr(scoring, name)
+            if value is None or value.dtype != torch.int64 or value.dim() != 1 or value.numel() < n:
+                raise ValueError(
+                    f"radix_histogram: criterion 'random' needs {name} as an int64 tensor of one value per "
+                    f"tensor ({n}); got {None if value is None else (value.dtype, tuple(value.shape))}."
+                )
+
+
+def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat, scoring) -> None:
     if hist.dim() != 2 or hist.shape[-1] != radix.HIST_COLUMNS or state.dim() != 2 or state.shape[-1] != radix.STATE_COLUMNS:
         raise ValueError(
             f"radix_histogram: state {tuple(state.shape)} and hist {tuple(hist.shape)}; the triton backend takes "
@@ -300,14 +429,24 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat) -> 
         if not tensor.is_contiguous() or tensor.dtype != torch.int64:
             raise ValueError("radix_histogram: state and hist must be contiguous int64 tensors.")
     grads = list(grads)
-    plan = cached_plan(grads, (hist.device, tuple(scope_of)), lambda: _plan(grads, scope_of, hist.device))
-    for dtype, aligned, lt, samples, keep_alive in plan:
+    criterion = scoring.criterion
+    _check_scoring(scoring, key_format, len(grads))
+    weights = list(scoring.weights) if criterion == "grad_over_weight" else []
+    plan = cached_plan(grads + weights, (hist.device, tuple(scope_of), criterion),
+                       lambda: _plan(grads, scope_of, scoring, hist.device))
+    random = criterion == "random"
+    key_float = tl.uint32 if random else TORCH_TO_TRITON[key_format.float_dtype]
+    extra = dict(random_keys=scoring.random_keys if random else None,
+                 entry_offsets=scoring.entry_offsets if random else None,
+                 score_eps_bits=float64_bits(scoring.score_eps) if criterion == "grad_over_weight" else None)
+    for dtype, weight, aligned, lt, samples, keep_alive in plan:
         radix_histogram_kernel[(min(max(lt.num_chunks, samples.num_items), _programs(hist.device)),)](
             lt.table, lt.chunk_owner, state, hist, lt.num_chunks, state.shape[0], samples.items, samples.blocks,
-            samples.num_items,
-            GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=TORCH_TO_TRITON[key_format.float_dtype],
-            INF_KEY=key_format.inf_key, ALIGNED=aligned, BINS=BINS, BLOCK=BLOCK, ITERS=ITERS,
-            STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK, num_warps=NUM_WARPS,
+            samples.num_items, **extra,
+            GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=key_float,
+            INF_KEY=inf_key_for(key_float), ALIGNED=aligned, BINS=BINS, BLOCK=BLOCK, ITERS=ITERS,
+            STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK, CRITERION=criterion,
+            WEIGHT=None if weight is None else TORCH_TO_TRITON[weight], num_warps=NUM_WARPS,
         )
 
 
