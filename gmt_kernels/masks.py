@@ -18,11 +18,10 @@ _BITS = 8
 def mask_rows(shape) -> tuple[int, int]:
     """(d0, inner) of a parameter of this shape."""
     shape = tuple(shape)
-    d0 = shape[0] if shape else 1
-    numel = 1
-    for size in shape:
-        numel *= size
-    return d0, (numel // d0 if d0 else 0)
+    inner = 1
+    for size in shape[1:]:  # (numel // d0, also for a shard that holds no row)
+        inner *= size
+    return (shape[0] if shape else 1), inner
 
 
 def mask_shape(shape) -> tuple[int, int]:
@@ -51,4 +50,4 @@ def unpack(mask: torch.Tensor, shape) -> torch.Tensor:
     d0, inner = mask_rows(shape)
     shifts = torch.arange(_BITS, dtype=torch.int32, device=mask.device)
     bits = (mask.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(d0, -1)[:, :inner].reshape(shape).bool()
+    return bits.reshape(d0, mask.shape[1] * _BITS)[:, :inner].reshape(shape).bool()

@@ -347,6 +347,9 @@ class GMTAdamW(torch.optim.Optimizer):
         if self._sharding is not None:
             _use_local_shards(batches)
         skip_on = _PerDevice(skip)
+        # ~skip once: the steps' increment and mask_stats' "refreshed" share it
+        not_skip = None if skip is None else ~skip
+        not_skip_on = _PerDevice(not_skip)
         steps_by_device = defaultdict(list)
         for batch in batches:
             for state in batch.states:
@@ -355,7 +358,7 @@ class GMTAdamW(torch.optim.Optimizer):
             if skip is None:
                 torch._foreach_add_(steps, 1)
             else:  # a list of 0-d tensors, not one tensor "scalar": dynamo traces this overload
-                torch._foreach_add_(steps, [(~skip_on[device]).to(torch.float32)] * len(steps))
+                torch._foreach_add_(steps, [not_skip_on[device].to(torch.float32)] * len(steps))
 
         kept_by_key = {key: torch.zeros(len(sel.thresholds), dtype=torch.int64, device=self._primary)
                        for key, sel in selections.items()}
@@ -367,7 +370,7 @@ class GMTAdamW(torch.optim.Optimizer):
             self._sharding.reduce_rows(kept_by_key, sharded_rows)
         if skip is not None:
             self.skipped_steps += skip.to(self.skipped_steps.device)
-        refreshed = self._advance_schedule(due, skip)
+        refreshed = self._advance_schedule(due, skip, not_skip)
         self._record_stats(records, selections, kept_by_key, grad_scale, refreshed)
         return loss
 
@@ -431,15 +434,19 @@ class GMTAdamW(torch.optim.Optimizer):
             return first
         return first | (self._gmt["since_selection"] >= self.refresh_every)
 
-    def _advance_schedule(self, due: Optional[Tensor], skip: Optional[Tensor]):
+    def _advance_schedule(self, due: Optional[Tensor], skip: Optional[Tensor], not_skip: Optional[Tensor]):
         """After the update: selections += due & ~skip; since_selection = 1 after a selection, + 1
-        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip), a 0-d bool or True."""
+        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip), a 0-d bool or True.
+        With refresh_every=1 only the random criterion's selection number is counted (nothing else
+        reads the schedule there)."""
         since = self._gmt["since_selection"]
         if due is None:  # refresh_every=1: every step that is not skipped selects
-            refreshed = True if skip is None else ~skip
-            advanced = torch.ones_like(since)
+            refreshed = True if skip is None else not_skip
+            if self.criterion == "random":  # the only reader of the count (its selection number)
+                self._gmt["selections"] += 1 if skip is None else refreshed.to(torch.int64)
+            return refreshed  # (no launches for a count nothing reads: GMT's step stays as lean as before)
         else:
-            refreshed = due if skip is None else due & ~skip
+            refreshed = due if skip is None else due & not_skip
             advanced = torch.where(due, torch.ones_like(since), since + 1)
         since.copy_(advanced if skip is None else torch.where(skip, since, advanced))
         self._gmt["selections"] += 1 if refreshed is True else refreshed.to(torch.int64)
@@ -806,7 +813,7 @@ class GMTAdamW(torch.optim.Optimizer):
             threshold = selections[rec.key].thresholds[rec.row]
             if grad_scale is not None and self.criterion != "random":  # scores of the raw, scaled g
                 threshold = threshold / grad_scale.to(threshold.device)
-            if refreshed is not True:  # a step that reuses the stored mask reports the threshold it was selected with
+            if self.refresh_every != 1:  # a step that reuses the stored mask reports the threshold it was selected with
                 previous = self._last_stats.get(rec.name, {}).get("threshold")
                 if previous is not None:
                     previous = torch.as_tensor(previous, dtype=threshold.dtype).to(threshold.device)

@@ -205,7 +205,7 @@ def pack_mask_numpy(keep: torch.Tensor) -> torch.Tensor:
     import numpy as np
 
     d0 = keep.shape[0] if keep.dim() else 1
-    rows = keep.reshape(d0, -1).numpy()
+    rows = keep.reshape(d0, math.prod(keep.shape[1:])).numpy()
     return torch.from_numpy(np.packbits(rows, axis=1, bitorder="little"))
 
 
@@ -213,7 +213,7 @@ def unpack_mask_numpy(mask: torch.Tensor, shape) -> torch.Tensor:
     import numpy as np
 
     d0 = shape[0] if len(shape) else 1
-    inner = math.prod(shape) // d0 if d0 else 0
+    inner = math.prod(shape[1:])
     bits = np.unpackbits(mask.numpy(), axis=1, bitorder="little")[:, :inner]
     return torch.from_numpy(bits.astype(bool)).reshape(shape)
 

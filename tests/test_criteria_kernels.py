@@ -313,3 +313,17 @@ def test_device_keys_equal_the_host_key():
         for a, sel in enumerate(selection.tolist()):
             for b, (group, pos) in enumerate([(0, 2), (3, 0)]):
                 assert keys[a, b].item() == scores.random_key(seed, sel, group, pos)
+
+
+def test_mask_layout_of_every_shape_matches_numpy_packbits():
+    """masks.pack / unpack / mask_shape against numpy, shards without rows (FSDP2's uneven
+    dim-0 shards) and 0-d parameters included."""
+    from gmt_kernels import masks
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(0,), (0, 48), (5,), (), (3, 17), (2, 8), (2, 0), (4, 3, 5)]:
+        keep = torch.rand(shape, generator=gen) < 0.5
+        packed = masks.pack(keep)
+        assert packed.dtype == torch.uint8 and tuple(packed.shape) == masks.mask_shape(shape)
+        assert torch.equal(packed, pack_mask_numpy(keep)), shape
+        assert torch.equal(masks.unpack(packed, shape), keep)
