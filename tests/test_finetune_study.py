@@ -188,3 +188,66 @@ def test_cli_modes_and_unknown_arm():
     assert (full.steps, full.seeds, full.max_len, full.name) == (5, 3, 64, "study")
     with pytest.raises(SystemExit, match="unknown arm.*'nope'.*GMT global r=0.3"):
         study.main(["--arms", "AdamW,nope"])  # refused before the model or the data are loaded
+
+
+def test_select_arms_by_name_and_family():
+    from examples.finetune import study
+
+    arms = default_arms()
+    chosen = study.select_arms(arms, "family:drop, AdamW")
+    assert [a.name for a in chosen] == ["AdamW"] + [a.name for a in arms if a.family == "drop"]
+    assert {a.trains_as for a in chosen if a.family == "drop"} == {"AdamW"}
+    assert study.select_arms(arms, None) == arms
+    with pytest.raises(SystemExit, match=r"unknown arm.*'family:nope'.*families.*'gmt-global'"):
+        study.select_arms(arms, "AdamW,family:nope")
+
+
+def test_study_runs_in_parts_into_one_file(tiny, tmp_path, monkeypatch):
+    """A second invocation merges into the first's JSON: it skips the (arm, seed) pairs there, keeps
+    the file's learning rate (no sweep), refuses other settings; a drop arm reuses the same seed's
+    AdamW training when that ran in the same invocation, and scores as when it trains itself."""
+    from examples.finetune import study
+
+    model, d = tiny
+    monkeypatch.setattr(study, "load_inputs", lambda args: (model, d))
+    common = ["--steps", "2", "--batch-size", "8", "--max-len", "24", "--no-timing", "--results-dir", str(tmp_path),
+              "--name", "t"]
+    study.main(common + ["--lr", "1e-3", "--seeds", "1", "--arms", "zero-shot,AdamW"])
+    first = json.loads((tmp_path / "t.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in first["runs"]] == [("zero-shot", 0), ("AdamW", 0)]
+
+    monkeypatch.setattr(study, "sweep_lr", lambda *a, **k: pytest.fail("the file's lr must be reused"))
+    with pytest.raises(SystemExit, match="other settings.*steps: file 2, now 3"):
+        study.main([*common[:1], "3", *common[2:], "--seeds", "2", "--arms", "AdamW"])
+    with pytest.raises(SystemExit, match="lr 0.001, not --lr 0.01"):
+        study.main(common + ["--lr", "1e-2", "--arms", "AdamW"])
+    study.main(common + ["--seeds", "2", "--arms", "AdamW,family:drop"])
+    out = json.loads((tmp_path / "t.json").read_text())
+    runs = {(r["arm"], r["seed"]): r for r in out["runs"]}
+    drop = "AdamW + one-off drop 0.3"
+    assert set(runs) == {("zero-shot", 0), ("AdamW", 0), ("AdamW", 1)} | {
+        (a.name, s) for a in default_arms() if a.family == "drop" for s in (0, 1)}
+    assert runs[("AdamW", 0)] == first["runs"][1]  # skipped, not retrained
+    assert out["meta"]["config"]["lr"] == 1e-3 and len(out["meta"]["parts"]) == 2
+    assert "training_reused_from" not in runs[(drop, 0)]  # AdamW seed 0 came from the file: trained again
+    assert runs[(drop, 1)]["training_reused_from"] == "AdamW"
+    # reuse is exact: the drop arm trained by itself ends with the same test metrics
+    arm = next(a for a in default_arms() if a.name == drop)
+    alone = run_arm(arm, model, d, TrainConfig(**{**out["meta"]["config"], "seed": 1}))
+    # (on this tiny model over 90 % of the deltas are exactly 0, so the drop changes nothing measurable)
+    assert alone["metrics"] == runs[(drop, 1)]["metrics"]
+    assert runs[(drop, 1)]["history"]["loss"] == runs[("AdamW", 1)]["history"]["loss"]
+    assert (tmp_path / "t.md").exists() and drop in (tmp_path / "t.md").read_text()
+
+
+def test_save_keeps_runs_another_process_wrote(tmp_path):
+    from examples.finetune import study
+
+    path = tmp_path / "s.json"
+    run = lambda arm, seed: {"arm": arm, "seed": seed}  # noqa: E731
+    study.save(path, {"meta": {"parts": [{"started": "a"}]}, "runs": [run("A", 0)], "lr_sweep": {"chosen": 1}})
+    mine = {"meta": {"parts": [{"started": "b"}]}, "runs": [run("B", 0)]}
+    study.save(path, mine)
+    on_disk = json.loads(path.read_text())
+    assert sorted((r["arm"], r["seed"]) for r in on_disk["runs"]) == [("A", 0), ("B", 0)]
+    assert [p["started"] for p in on_disk["meta"]["parts"]] == ["a", "b"] and on_disk["lr_sweep"] == {"chosen": 1}

@@ -20,6 +20,7 @@ import torch
 from gmt_kernels import GMTAdamW
 
 GMT_GLOBAL_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DROP_RATIOS = (0.3, 0.9)  # 0.3: the mask ratio of the other sparse arms (the paper uses one ratio for all); 0.9: DARE's
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class Arm:
     mask_ratio: Optional[float] = None  # x position in the mask-ratio plot
     before_training: Optional[Callable] = None  # (model, optimizer, data, cfg) -> None
     after_training: Optional[Callable] = None  # (model, initial_state) -> None
+    # Name of an arm whose training this arm repeats exactly (same optimizer, no before_training): the
+    # study reuses that arm's trained model of the same seed when it is at hand, and only the
+    # after_training hook differs (e.g. one-off drop after AdamW).
+    trains_as: Optional[str] = None
     notes: str = field(default="", compare=False)
 
 
@@ -61,6 +66,19 @@ def gmt(mask_ratio: float, scope: str = "global", skip_embeddings: bool = False)
     return make
 
 
+def one_off_drop(drop_ratio: float):
+    """after_training hook: the paper's One-off Drop, reset the smallest-|delta| fraction drop_ratio of
+    all trainable entries (one global scope) to their pretrained values."""
+
+    def after(model, initial_state):
+        from gmt_kernels import drop_deltas
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        drop_deltas([p for _, p in named], [initial_state[n] for n, _ in named], drop_ratio, method="magnitude")
+
+    return after
+
+
 def default_arms() -> list[Arm]:
     """Every arm that exists today. The criteria arms of issue 12 (random mask redrawn and fixed,
     GaLLoP, SAFT-style fixed top-|g|, one-off drop) are appended here once GMTAdamW has criterion=,
@@ -76,4 +94,7 @@ def default_arms() -> list[Arm]:
         Arm("GMT global r=0.3 skip-emb", gmt(0.3, skip_embeddings=True), "gmt-other", 0.3,
             notes="nn.Embedding tables in a mask_ratio=0 group"),
     ]
+    arms += [Arm(f"AdamW + one-off drop {r}", adamw, "drop", r, after_training=one_off_drop(r), trains_as="AdamW",
+                 notes=f"AdamW, then drop_deltas(method='magnitude', drop_ratio={r}) against the pretrained weights")
+             for r in DROP_RATIOS]
     return arms
