@@ -251,3 +251,22 @@ def test_save_keeps_runs_another_process_wrote(tmp_path):
     on_disk = json.loads(path.read_text())
     assert sorted((r["arm"], r["seed"]) for r in on_disk["runs"]) == [("A", 0), ("B", 0)]
     assert [p["started"] for p in on_disk["meta"]["parts"]] == ["a", "b"] and on_disk["lr_sweep"] == {"chosen": 1}
+
+
+def test_one_off_drop_resets_the_smallest_deltas_over_all_parameters():
+    from examples.finetune.arms import one_off_drop
+
+    model = tiny_random_model(50, hidden=8, layers=1)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+    deltas = torch.cat([(p - initial[n]).flatten() for n, p in model.named_parameters()])
+    k = deltas.numel() - int(0.75 * deltas.numel())
+    threshold = deltas.abs().kthvalue(deltas.numel() - k + 1).values  # the k-th largest |delta|
+    one_off_drop(0.75)(model, initial)
+    after = torch.cat([(p - initial[n]).flatten() for n, p in model.named_parameters()])
+    keep = deltas.abs() >= threshold
+    assert torch.equal(after[keep], deltas[keep]) and bool((after[~keep] == 0).all())
+    assert int(keep.sum()) == k

@@ -12,7 +12,8 @@ Every arm shares TrainConfig (steps, batches, seeds, lr, schedule, clipping, wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -26,7 +27,7 @@ DROP_RATIOS = (0.3, 0.9)  # 0.3: the mask ratio of the other sparse arms (the pa
 @dataclass(frozen=True)
 class Arm:
     name: str
-    make_optimizer: Optional[Callable]  # (model, lr, weight_decay) -> optimizer; None: no training
+    make_optimizer: Optional[Callable]  # (model, lr, weight_decay, seed) -> optimizer; None: no training
     family: str  # groups arms in the plots: "zero-shot", "adamw", "gmt-global", "gmt-other", ...
     mask_ratio: Optional[float] = None  # x position in the mask-ratio plot
     before_training: Optional[Callable] = None  # (model, optimizer, data, cfg) -> None
@@ -50,20 +51,53 @@ def embedding_split(model) -> tuple[list, list]:
     return [p for p in params if id(p) in tables], [p for p in params if id(p) not in tables]
 
 
-def adamw(model, lr, weight_decay):
+def adamw(model, lr, weight_decay, seed=0):
     return torch.optim.AdamW(trainable(model), lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def gmt(mask_ratio: float, scope: str = "global", skip_embeddings: bool = False):
-    def make(model, lr, weight_decay):
+def gmt(mask_ratio: float, scope: str = "global", skip_embeddings: bool = False, **criteria):
+    """GMTAdamW factory; criteria: criterion=, refresh_every=, score_eps=, backend= (CRITERIA_DESIGN.md).
+    A random criterion draws from the run's seed, so the seeds of an arm differ in their masks too."""
+
+    def make(model, lr, weight_decay, seed=0):
         if skip_embeddings:
             tables, rest = embedding_split(model)
             groups = [{"params": rest}, {"params": tables, "mask_ratio": 0.0}]  # 0: plain AdamW
         else:
             groups = trainable(model)
-        return GMTAdamW(groups, lr=lr, weight_decay=weight_decay, mask_ratio=mask_ratio, scope=scope)
+        extra = {**criteria, "seed": seed} if criteria.get("criterion") == "random" else criteria
+        return GMTAdamW(groups, lr=lr, weight_decay=weight_decay, mask_ratio=mask_ratio, scope=scope, **extra)
 
     return make
+
+
+CALIBRATION_FRACTION = 0.1  # of the training pairs, for the masks selected once before training
+
+
+def calibrate_and_select(fraction: float = CALIBRATION_FRACTION):
+    """before_training hook of the fixed-mask arms (GaLLoP, SAFT): the mean gradient over the first
+    ceil(fraction * train pairs / batch_size) micro-batches of the run's own batch order (train mode,
+    dropout seeded apart from training's), then optimizer.select_mask() scores it and stores the mask
+    that every step reuses (refresh_every=None). Parameters and moments are untouched."""
+
+    def before(model, optimizer, data, cfg):
+        from .train import dropout_seed, forward_backward, micro_batches
+
+        n_pairs = len(data.queries["train"])
+        n_micro = max(1, math.ceil(fraction * n_pairs / cfg.batch_size))
+        batches = micro_batches(n_pairs, replace(cfg, steps=n_micro, grad_accum=1))
+        optimizer.zero_grad(set_to_none=True)
+        model.train()
+        for i, idx in enumerate(batches):
+            torch.manual_seed(dropout_seed(cfg.seed, CALIBRATION_DROPOUT_OFFSET + i))
+            forward_backward(model, data.queries["train"], data.codes["train"], idx, 1.0 / n_micro)
+        optimizer.select_mask()
+        optimizer.zero_grad(set_to_none=True)
+
+    return before
+
+
+CALIBRATION_DROPOUT_OFFSET = 500_000  # calibration micro-batch i draws dropout as training's micro-batch 500000 + i
 
 
 def one_off_drop(drop_ratio: float):
@@ -97,4 +131,43 @@ def default_arms() -> list[Arm]:
     arms += [Arm(f"AdamW + one-off drop {r}", adamw, "drop", r, after_training=one_off_drop(r), trains_as="AdamW",
                  notes=f"AdamW, then drop_deltas(method='magnitude', drop_ratio={r}) against the pretrained weights")
              for r in DROP_RATIOS]
+    arms += criteria_arms()
     return arms
+
+
+CRITERIA_RATIO = 0.3
+
+
+def criteria_arms() -> list[Arm]:
+    """The baselines of issue 12 at mask_ratio 0.3, each the same size as "GMT global r=0.3 skip-emb":
+    the embedding tables in a mask_ratio=0 group, 30 % of every other entry masked. Over all
+    parameters (no skip) a score-based mask at 0.3 keeps everything (over 30 % of the scores are
+    exactly 0, the word-embedding rows of absent tokens, so the threshold is 0), which makes a fixed
+    |g| or |g|/|theta| mask plain AdamW; the random mask is also run over all parameters, as the paper's."""
+    r = CRITERIA_RATIO
+    b = CRITERIA_BACKEND
+    return [
+        Arm(f"random r={r} skip-emb redrawn", gmt(r, skip_embeddings=True, criterion="random", refresh_every=1,
+                                                   backend=b["random"]), "random", r,
+            notes=f"criterion='random', a new mask every step, backend {b['random']!r}"),
+        Arm(f"random r={r} skip-emb fixed", gmt(r, skip_embeddings=True, criterion="random", refresh_every=None,
+                                                 backend=b["random"]), "random", r,
+            notes=f"criterion='random', refresh_every=None: drawn at the first step, kept; backend {b['random']!r}"),
+        Arm(f"GaLLoP r={r} skip-emb", gmt(r, skip_embeddings=True, criterion="grad_over_weight", refresh_every=None,
+                                           backend=b["grad_over_weight"]), "fixed", r,
+            before_training=calibrate_and_select(),
+            notes=f"criterion='grad_over_weight', refresh_every=None, select_mask() on the mean gradient of "
+                  f"{CALIBRATION_FRACTION:.0%} of the training pairs; backend {b['grad_over_weight']!r}"),
+        Arm(f"SAFT top-|g| r={r} skip-emb", gmt(r, skip_embeddings=True, criterion="grad", refresh_every=None,
+                                                 backend=b["grad"]), "fixed", r,
+            before_training=calibrate_and_select(),
+            notes=f"criterion='grad', refresh_every=None, select_mask() on the mean gradient of "
+                  f"{CALIBRATION_FRACTION:.0%} of the training pairs; backend {b['grad']!r}"),
+        Arm(f"random r={r} redrawn", gmt(r, criterion="random", refresh_every=1, backend=b["random"]), "random", r,
+            notes=f"criterion='random' over all parameters (global), a new mask every step; backend {b['random']!r}"),
+    ]
+
+
+# Backend of each criterion's arms: "auto" (the C++ kernels on CPU) unless the C++ backend lacks the
+# criterion, then "reference" (set here, and said in each arm's notes and the results).
+CRITERIA_BACKEND = {"grad": "auto", "grad_over_weight": "auto", "random": "auto"}

@@ -74,7 +74,7 @@ def run_arm(arm: Arm, base_model, data: Data, cfg: TrainConfig, split: str = "te
     else:
         model = copy.deepcopy(base_model)
         if arm.make_optimizer is not None:
-            optimizer = arm.make_optimizer(model, cfg.lr, cfg.weight_decay)
+            optimizer = arm.make_optimizer(model, cfg.lr, cfg.weight_decay, seed=cfg.seed)
             if arm.before_training is not None:
                 arm.before_training(model, optimizer, data, cfg)
             history = train(model, optimizer, data.queries["train"], data.codes["train"], cfg)
