@@ -58,7 +58,7 @@ def prepare_data(tokenizer, max_len: int, pairs_by_split: Optional[dict] = None,
 
 
 def run_arm(arm: Arm, base_model, data: Data, cfg: TrainConfig, split: str = "test", eval_batch: int = 64,
-            trained: Optional[dict] = None, keep: frozenset = frozenset()) -> dict:
+            trained: Optional[dict] = None, keep: frozenset = frozenset(), log=None) -> dict:
     """Train a fresh copy of base_model with the arm's optimizer, then score it on split.
 
     trained: a cache {(arm name, seed): (model, history, train_s)} of finished trainings, filled for the
@@ -77,7 +77,11 @@ def run_arm(arm: Arm, base_model, data: Data, cfg: TrainConfig, split: str = "te
             optimizer = arm.make_optimizer(model, cfg.lr, cfg.weight_decay, seed=cfg.seed)
             if arm.before_training is not None:
                 arm.before_training(model, optimizer, data, cfg)
-            history = train(model, optimizer, data.queries["train"], data.codes["train"], cfg)
+            every = max(1, cfg.steps // 5)
+            progress = None if log is None else lambda step, h: (step + 1) % every or log(
+                f"  {arm.name} seed {cfg.seed}: step {step + 1}/{cfg.steps} loss {h['loss'][-1]:.3f} "
+                f"({statistics.fmean(h['step_s'][-every:]):.1f} s/step)")
+            history = train(model, optimizer, data.queries["train"], data.codes["train"], cfg, on_step=progress)
         train_s = time.perf_counter() - t0
         if trained is not None and arm.name in keep:
             trained[(arm.name, cfg.seed)] = (copy.deepcopy(model), history, train_s)
@@ -108,7 +112,7 @@ def sweep_lr(base_model, data: Data, cfg: TrainConfig, grid, log) -> dict:
     arm = Arm("AdamW", adamw, "adamw", 0.0)
     scores = {}
     for lr in grid:
-        run = run_arm(arm, base_model, data, TrainConfig(**{**cfg.to_dict(), "lr": lr, "seed": 0}), split="val")
+        run = run_arm(arm, base_model, data, TrainConfig(**{**cfg.to_dict(), "lr": lr, "seed": 0}), split="val", log=log)
         scores[lr] = run["metrics"]["mrr@10"]
         log(f"lr sweep: lr={lr:g} val MRR@10={scores[lr]:.4f} ({run['train_s']:.0f} s)")
     best = max(grid, key=lambda lr: scores[lr])
@@ -292,7 +296,7 @@ def main(argv=None) -> dict:
             if (arm.name, seed) in done:
                 log(f"seed {seed} {arm.name:<28} already in {path.name}: skipped")
                 continue
-            run = run_arm(arm, base_model, data, TrainConfig(**{**cfg.to_dict(), "seed": seed}), trained=trained, keep=keep)
+            run = run_arm(arm, base_model, data, TrainConfig(**{**cfg.to_dict(), "seed": seed}), trained=trained, keep=keep, log=log)
             out["runs"].append(run)
             log(f"seed {seed} {arm.name:<28} MRR@10 {run['metrics']['mrr@10']:.4f} R@1 {run['metrics']['recall@1']:.4f}"
                 + (f" kept {run['kept_mean']:.3f}" if "kept_mean" in run else "")
