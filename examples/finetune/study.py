@@ -86,13 +86,18 @@ def run_arm(arm: Arm, base_model, data: Data, cfg: TrainConfig, split: str = "te
         if trained is not None and arm.name in keep:
             trained[(arm.name, cfg.seed)] = (copy.deepcopy(model), history, train_s)
     t1 = time.perf_counter()
-    if arm.after_training is not None:
-        arm.after_training(model, base_model.state_dict())
+    after = arm.after_training(model, base_model.state_dict()) if arm.after_training is not None else None
     metrics = evaluate(model, data.queries[split], data.codes[split], eval_batch)
     result = {"arm": arm.name, "family": arm.family, "mask_ratio": arm.mask_ratio, "seed": cfg.seed,
               "split": split, "metrics": metrics, "train_s": train_s, "eval_s": time.perf_counter() - t1}
     if arm.notes:
         result["notes"] = arm.notes
+    if after is not None:
+        result["after_training"] = after
+    if arm.make_optimizer is not None and not reused:
+        result["optimizer"] = type(optimizer).__name__
+        if hasattr(optimizer, "backend"):
+            result["backend"] = optimizer.backend  # as asked: "auto", "cpu", "reference", ...
     if reused:
         result["training_reused_from"] = arm.trains_as
     if history is not None:
