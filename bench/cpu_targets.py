@@ -39,6 +39,7 @@ from machine import OtherProcessesCpu, _cpu_model  # noqa: E402
 
 from gmt_kernels import GMTAdamW, magnitude_threshold, radix  # noqa: E402
 from gmt_kernels.backends import cpu, resolve  # noqa: E402
+from gmt_kernels.options import AdamWOptions, MaskSource  # noqa: E402
 
 TARGETS = {"bare": 1.05, "approx": 1.25, "exact": 1.5}  # x a fused AdamW step; threshold: >= 20 x kthvalue
 THRESHOLD_TARGET = 20.0
@@ -172,9 +173,9 @@ def breakdown(grads, mask_ratio, steps, exact, levels):
 
     def update():
         backend.masked_adamw(
-            params, grads, [m for m, _ in moments], [v for _, v in moments], [], steps_t,
-            threshold, kept, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False,
-            maximize=False, mask_mode="grad", grad_scale=None, skip=None,
+            params, grads, [m for m, _ in moments], [v for _, v in moments], [], steps_t, kept,
+            options=AdamWOptions(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
+            mask=MaskSource(threshold),
         )
 
     for level in levels:

@@ -158,11 +158,19 @@ void check_same(const at::Tensor& t, const at::Tensor& param, const char* what, 
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                      const at::Tensor& thresholds, const at::Tensor& kept, double lr,
+                      const at::Tensor& thresholds, const at::Tensor& kept, at::TensorList masks, double lr,
                       const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                       double weight_decay, bool amsgrad, bool maximize, c10::string_view mask_mode,
-                      const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& skip) {
+                      const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& skip,
+                      c10::string_view criterion, double /*score_eps*/,
+                      const c10::optional<at::Tensor>& /*random_keys*/,
+                      const c10::optional<at::Tensor>& /*entry_offsets*/, const c10::optional<at::Tensor>& refresh,
+                      bool update_params) {
   const size_t n = params.size();
+  // Only GMT's |g| score so far; the other criteria and stored masks (SEMANTICS.md section 8) follow.
+  TORCH_CHECK(criterion == "grad" && masks.empty() && !refresh.has_value() && update_params,
+              "gmt_kernels::masked_adamw (C++ CPU backend): criterion '", std::string(criterion),
+              "' and stored masks are not supported yet; use backend='reference'.");
   TORCH_CHECK(mask_mode == "grad" || mask_mode == "freeze", "gmt_kernels::masked_adamw: unknown mask_mode '",
               std::string(mask_mode), "'; expected 'grad' or 'freeze' (SEMANTICS.md section 3).");
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&

@@ -11,15 +11,20 @@
 namespace gmt {
 
 void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const at::Tensor& state,
-                         const at::Tensor& hist, c10::string_view key_format);
+                         const at::Tensor& hist, c10::string_view key_format, c10::string_view criterion,
+                         double score_eps, at::TensorList weights, const c10::optional<at::Tensor>& random_keys,
+                         const c10::optional<at::Tensor>& entry_offsets);
 
 void radix_select_cpu(const at::Tensor& hist, const at::Tensor& state, int64_t key_bits);
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                      const at::Tensor& thresholds, const at::Tensor& kept, double lr,
+                      const at::Tensor& thresholds, const at::Tensor& kept, at::TensorList masks, double lr,
                       const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                       double weight_decay, bool amsgrad, bool maximize, c10::string_view mask_mode,
-                      const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& skip);
+                      const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& skip,
+                      c10::string_view criterion, double score_eps, const c10::optional<at::Tensor>& random_keys,
+                      const c10::optional<at::Tensor>& entry_offsets, const c10::optional<at::Tensor>& refresh,
+                      bool update_params);
 
 }  // namespace gmt

@@ -679,8 +679,14 @@ bool format_holds(const std::string& format, at::ScalarType dtype) {
 }  // namespace
 
 void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const at::Tensor& state,
-                         const at::Tensor& hist, c10::string_view key_format) {
+                         const at::Tensor& hist, c10::string_view key_format, c10::string_view criterion,
+                         double /*score_eps*/, at::TensorList /*weights*/,
+                         const c10::optional<at::Tensor>& /*random_keys*/,
+                         const c10::optional<at::Tensor>& /*entry_offsets*/) {
   using namespace radix;
+  // Only GMT's |g| score so far; the other criteria (SEMANTICS.md section 8) follow.
+  TORCH_CHECK(criterion == "grad", "gmt_kernels::radix_histogram (C++ CPU backend): criterion '",
+              std::string(criterion), "' is not supported yet; use backend='reference'.");
   const std::string format(key_format.data(), key_format.size());
   const KeyFormat* fmt = find_format(format);
   TORCH_CHECK(fmt != nullptr, "gmt_kernels::radix_histogram: unknown key_format '", format,

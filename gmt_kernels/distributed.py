@@ -168,8 +168,9 @@ class ShardGroup:
             _summed_shard_sizes[key] = counts.tolist()
         return [a + b for a, b in zip(known, _summed_shard_sizes[key])]
 
-    def select(self, scopes, sharded_rows, key_format, backend_for, primary) -> Selection:
-        return select_split(scopes, sharded_rows, key_format, backend_for, primary, self.group)
+    def select(self, scopes, sharded_rows, key_format, backend_for, primary, **options) -> Selection:
+        """options: select_thresholds' scoring= and done=."""
+        return select_split(scopes, sharded_rows, key_format, backend_for, primary, self.group, **options)
 
     def reduce_rows(self, per_format: dict, rows_per_format: dict) -> None:
         reduce_rows(per_format, rows_per_format, self.group)
@@ -199,12 +200,15 @@ class ScopeMembers:
     known_numel: int
     shard_numel: int
     sharded: bool
+    ids: Optional[list] = None  # Scope.ids of those gradients
 
 
-def scope_members(grads: Sequence[torch.Tensor], contributions: Sequence[Contribution]) -> ScopeMembers:
+def scope_members(grads: Sequence[torch.Tensor], contributions: Sequence[Contribution], ids=None) -> ScopeMembers:
     sharded = any(c.sharded for c in contributions)
-    counted = [g for g, c in zip(grads, contributions) if c.counted_here or not sharded]
+    here = [c.counted_here or not sharded for c in contributions]
+    counted = [g for g, h in zip(grads, here) if h]
     return ScopeMembers(
+        ids=None if ids is None else [i for i, h in zip(ids, here) if h],
         grads=counted,
         known_numel=sum(c.known_numel for c in contributions),
         shard_numel=sum(c.shard_numel for c in contributions),
@@ -212,16 +216,18 @@ def scope_members(grads: Sequence[torch.Tensor], contributions: Sequence[Contrib
     )
 
 
-def select_split(scopes: list[Scope], sharded_rows: Sequence[int], key_format, backend_for, primary, group) -> Selection:
+def select_split(scopes: list[Scope], sharded_rows: Sequence[int], key_format, backend_for, primary, group,
+                 **options) -> Selection:
     """select_thresholds with the all-reduce only over the scopes that need it (rows keep their order)."""
     sharded_rows = sorted(sharded_rows)
     if group is None or not sharded_rows:
-        return select_thresholds(scopes, key_format, backend_for, primary)
+        return select_thresholds(scopes, key_format, backend_for, primary, **options)
     if len(sharded_rows) == len(scopes):
-        return select_thresholds(scopes, key_format, backend_for, primary, process_group=group)
+        return select_thresholds(scopes, key_format, backend_for, primary, process_group=group, **options)
     local_rows = [r for r in range(len(scopes)) if r not in set(sharded_rows)]
-    shared = select_thresholds([scopes[r] for r in sharded_rows], key_format, backend_for, primary, process_group=group)
-    alone = select_thresholds([scopes[r] for r in local_rows], key_format, backend_for, primary)
+    shared = select_thresholds([scopes[r] for r in sharded_rows], key_format, backend_for, primary,
+                               process_group=group, **options)
+    alone = select_thresholds([scopes[r] for r in local_rows], key_format, backend_for, primary, **options)
     position = torch.tensor(sharded_rows + local_rows, dtype=torch.int64).argsort().to(primary, non_blocking=True)
     return Selection(
         thresholds=torch.cat([shared.thresholds, alone.thresholds]).index_select(0, position),
@@ -254,3 +260,55 @@ def magnitude_threshold_sharded(tensors, mask_ratio: float, *, exact: bool, proc
     key_format = radix.key_format_for(t.dtype for t in tensors)
     group = shard_group.group if members.sharded else None
     return select_thresholds([scope], key_format, backend_for, device, process_group=group).thresholds[0]
+
+
+# ---- stored masks and random scores of sharded parameters (SEMANTICS.md section 8) ----
+
+def check_row_sharded(param, where: str, needs, *, random: bool, plain_are_shards: bool) -> None:
+    """Stored masks follow a DTensor parameter's dim-0 sharding, and the random score indexes entries
+    row-major in the whole parameter: a DTensor must be Shard(0) or Replicate on every mesh dim, and
+    random scores of plain-tensor shards cannot know where their entries sit in the whole parameter."""
+    what = " and ".join(needs)
+    if is_dtensor(param):
+        stray = [pl for pl in param.placements if pl.is_shard() and pl.dim != 0]
+        if stray:
+            raise ValueError(
+                f"GMTAdamW with {what}: {where} is sharded as {param.placements}; stored masks and random "
+                "scores need shards of whole rows (Shard(0), as FSDP2's fully_shard makes) or replicas. "
+                "Shard it along dim 0, or use criterion='grad' with refresh_every=1."
+            )
+    elif random and plain_are_shards:
+        raise ValueError(
+            f"GMTAdamW with criterion='random': {where} is a plain-tensor shard of an explicit process_group, "
+            "so where its entries sit in the whole parameter (the random score's entry index) is unknown. "
+            "Use DTensor parameters (e.g. FSDP2's fully_shard), or another criterion."
+        )
+
+
+def _local_offset(param):
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+
+
+def entry_offset(param) -> int:
+    """Row-major index, in the whole parameter, of this rank's first local entry (0 for plain tensors:
+    the random criterion refuses plain shards, check_row_sharded)."""
+    if not is_dtensor(param) or param.dim() == 0:
+        return 0
+    _, offset = _local_offset(param)
+    inner = 1
+    for size in param.shape[1:]:
+        inner *= size
+    return int(offset[0]) * inner
+
+
+def new_sharded_mask(param):
+    """The all-zero stored mask of a DTensor parameter: a DTensor of the mask's global shape, sharded
+    like the parameter (Shard(0) / Replicate), whose local part is the mask of the local rows."""
+    from . import masks
+
+    local_mask = masks.new_mask(local(param))
+    shape = masks.mask_shape(param.shape)
+    return DTensor.from_local(local_mask, param.device_mesh, param.placements, run_check=False,
+                              shape=torch.Size(shape), stride=(shape[1], 1))

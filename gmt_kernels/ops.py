@@ -14,9 +14,10 @@ triton; the kernels register themselves for these names per device:
         state, the C++ copy of it (csrc/radix_select.cpp) when the extension is built; on CUDA,
         once the Triton backend is loaded, its one-launch kernel (backends/triton/select.py).
 
-Arguments are Backend.radix_histogram / Backend.masked_adamw of backends/__init__.py, with the
-key format as its name and lr split in two: a float, or a 0-d tensor passed as lr_tensor (then lr is
-ignored), since a schema argument has one type. The mutation annotations (a!)..(e!) tell
+Arguments are Backend.radix_histogram / Backend.masked_adamw of backends/__init__.py with their
+records flattened (options.py: Scoring.schema_args, AdamWOptions.schema_args, MaskSource.schema_args):
+the key format as its name, lr split in two (a float, or a 0-d tensor passed as lr_tensor, then lr is
+ignored), since a schema argument has one type. The mutation annotations (a!)..(f!) tell
 torch.compile which arguments change in place; the ops return nothing, so their fake
 implementations only have to exist for tracing to go through them.
 """
@@ -29,13 +30,17 @@ from .radix import select_bins
 
 NAMESPACE = "gmt_kernels"
 
-RADIX_HISTOGRAM_SCHEMA = "(Tensor[] grads, int[] scope_of, Tensor state, Tensor(a!) hist, str key_format) -> ()"
+RADIX_HISTOGRAM_SCHEMA = (
+    "(Tensor[] grads, int[] scope_of, Tensor state, Tensor(a!) hist, str key_format, *, "
+    "str criterion, float score_eps, Tensor[] weights, Tensor? random_keys, Tensor? entry_offsets) -> ()"
+)
 RADIX_SELECT_SCHEMA = "(Tensor hist, Tensor(a!) state, int key_bits) -> ()"
 MASKED_ADAMW_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-    "Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, Tensor thresholds, Tensor(e!) kept, *, float lr, "
-    "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
-    "bool maximize, str mask_mode, Tensor? grad_scale, Tensor? skip) -> ()"
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, Tensor thresholds, Tensor(e!) kept, Tensor(f!)[] masks, *, "
+    "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+    "bool maximize, str mask_mode, Tensor? grad_scale, Tensor? skip, str criterion, float score_eps, "
+    "Tensor? random_keys, Tensor? entry_offsets, Tensor? refresh, bool update_params) -> ()"
 )
 
 # FRAGMENT, not DEF: the C++ extension adds kernels to this namespace (TORCH_LIBRARY_IMPL).

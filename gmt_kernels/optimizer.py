@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,6 +16,9 @@ from torch import Tensor
 from . import radix
 from .backends import Backend, check_backend_name, resolve
 from .device_constants import DeviceConstants
+from . import masks as stored_masks
+from .options import CRITERIA, GRAD, AdamWOptions, MaskSource, Scoring
+from .scores import random_keys_like
 from .threshold import Scope, select_thresholds
 
 SCOPES = ("global", "group", "tensor")
@@ -53,12 +58,19 @@ def _check_adamw_hyperparameters(lr, betas, eps, weight_decay) -> None:
 
 @dataclass
 class _ScopeRecord:
-    """Where one scope's numbers live after a step: row `row` of its key format's selection."""
+    """Where one scope's numbers live after a step: row `row` of selection `key` (_SelectionKey)."""
 
     name: str
-    fmt: radix.KeyFormat
+    key: tuple
     row: int
     numel: int
+
+
+# Scopes of one step are selected in calls per (key format, kind): kind "grad" (criterion "grad"
+# re-selected at every step: score scopes and NaN/inf check scopes together, as always), "score"
+# (the criterion's scopes, finished before the first pass on a step that reuses stored masks),
+# "check" (k = 0 scopes that only count the NaN/inf gradient entries).
+_KINDS_WITH_NONFINITE = ("grad", "check")
 
 
 @dataclass
@@ -72,7 +84,8 @@ class _Batch:
     grads: list = field(default_factory=list)
     positions: list = field(default_factory=list)  # index of each parameter in its group
     states: list = field(default_factory=list)  # their state dicts, once _init_state has run
-    scope_rows: list = field(default_factory=list)  # row per tensor, or None when unmasked
+    scope_rows: list = field(default_factory=list)  # (index, selection key, row) per masked tensor
+    ids: list = field(default_factory=list)  # per masked tensor, its index in the step's scoring arrays
     contributions: list = field(default_factory=list)  # distributed.Contribution per tensor (sharded runs)
     uncounted: list = field(default_factory=list)  # tensors whose kept count another rank reports
 
@@ -93,6 +106,13 @@ class GMTAdamW(torch.optim.Optimizer):
     nonfinite: "skip" (a NaN/inf gradient makes the step a no-op, counted in skipped_steps),
         "raise" (FloatingPointError naming the parameter), "propagate" (as torch.optim.AdamW).
     backend: "auto", "reference", "triton" or "cpu".
+    criterion: the score that picks the kept entries (SEMANTICS.md section 8): "grad" (|g|, GMT),
+        "grad_over_weight" (|g| / (|theta| + score_eps), GaLLoP) or "random" (a 32-bit hash of
+        (seed, selection number, parameter, entry): the GMT paper's Random Mask).
+    refresh_every: 1 (select at every step), K > 1 (select at every K-th step that is not
+        skipped, reuse the stored 1-bit mask in between) or None (select once, then keep the mask).
+    seed: the random criterion's seed, an integer in [0, 2**64).
+    score_eps: the grad_over_weight score's eps, a finite number >= 0.
     See SEMANTICS.md for the exact contract.
     """
 
@@ -114,6 +134,10 @@ class GMTAdamW(torch.optim.Optimizer):
         threshold: str = "approx",
         nonfinite: str = "skip",
         backend: str = "auto",
+        criterion: str = "grad",
+        refresh_every: Optional[int] = 1,
+        seed: int = 0,
+        score_eps: float = 1e-8,
         process_group=None,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -138,6 +162,11 @@ class GMTAdamW(torch.optim.Optimizer):
         _check_choice("threshold", threshold, THRESHOLDS, "'exact' is the k-th largest score; 'approx' is within 0.05 % of N in rank.")
         _check_choice("nonfinite", nonfinite, NONFINITE, "It says what a NaN or inf gradient does to the step.")
         check_backend_name(backend)
+        _check_choice("criterion", criterion, CRITERIA, "It says how entries are scored (SEMANTICS.md section 8).")
+        _check_refresh_every(refresh_every)
+        _check_seed(seed)
+        _check_score_eps(score_eps)
+        self.criterion, self.refresh_every, self.seed, self.score_eps = criterion, refresh_every, seed, float(score_eps)
         self.process_group = process_group
         self.scope, self.mask_mode, self.threshold = scope, mask_mode, threshold
         self.nonfinite, self.backend = nonfinite, backend
@@ -149,8 +178,9 @@ class GMTAdamW(torch.optim.Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, mask_ratio=mask_ratio,
         )
-        # GMT's own state, shared by every param group (see state_dict): skip counter, last stats.
-        self._gmt = {"skipped_steps": torch.zeros((), dtype=torch.int64), "last_stats": {}}
+        # GMT's own state, shared by every param group (see state_dict): skip counter, last stats,
+        # the mask schedule (selections made, non-skipped steps since the last one).
+        self._gmt = _new_gmt_state()
         super().__init__(params, defaults)
         self._sharding = _infer_sharding(self.param_groups, process_group)
         self._follow_parameters()
@@ -175,8 +205,9 @@ class GMTAdamW(torch.optim.Optimizer):
         initialisation from the meta device). Moves skipped_steps along."""
         first = next((p for g in self.param_groups for p in g["params"]), None)
         primary = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
-        if self.skipped_steps.device != primary:
-            self.skipped_steps = self.skipped_steps.to(primary)
+        for name in _GMT_COUNTERS:
+            if self._gmt[name].device != primary:
+                self._gmt[name] = self._gmt[name].to(primary)
         self._primary = primary
         return primary
 
@@ -203,7 +234,8 @@ class GMTAdamW(torch.optim.Optimizer):
             self._sharding = _infer_sharding(self.param_groups, self.process_group)
 
     # Attributes that copy.deepcopy and pickle keep besides torch.optim.Optimizer's own.
-    _CONFIG = ("scope", "mask_mode", "threshold", "nonfinite", "backend", "process_group", "_gmt")
+    _CONFIG = ("scope", "mask_mode", "threshold", "nonfinite", "backend", "criterion", "refresh_every", "seed",
+               "score_eps", "process_group", "_gmt")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -212,7 +244,11 @@ class GMTAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_gmt", {"skipped_steps": torch.zeros((), dtype=torch.int64), "last_stats": {}})
+        self.__dict__.setdefault("_gmt", _new_gmt_state())
+        for name, value in _new_gmt_state().items():  # pickled by a version without the schedule
+            self._gmt.setdefault(name, value)
+        for name, value in (("criterion", "grad"), ("refresh_every", 1), ("seed", 0), ("score_eps", 1e-8)):
+            self.__dict__.setdefault(name, value)
         for group in self.param_groups:  # groups saved by torch.optim.AdamW lack our keys
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -226,11 +262,14 @@ class GMTAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch.optim.AdamW's state_dict; every param group also carries "gmt": a snapshot of
-        skipped_steps and the last mask_stats(). They ride in the param groups because
+        skipped_steps, the last mask_stats() and the mask schedule (selections, since_selection);
+        stored masks are per-parameter state "gmt_mask". They ride in the param groups because
         torch.distributed.checkpoint keeps only "state" and "param_groups" (and every group, so that
         each is complete on its own); torch.optim.AdamW loads the groups and ignores the key."""
         state_dict = super().state_dict()
-        snapshot = {"skipped_steps": self.skipped_steps.clone(), "last_stats": self.mask_stats()}
+        snapshot = {"skipped_steps": self.skipped_steps.clone(), "last_stats": self.mask_stats(),
+                    "selections": self._gmt["selections"].clone(),
+                    "since_selection": self._gmt["since_selection"].clone()}
         for group in state_dict["param_groups"]:
             group["gmt"] = snapshot
         return state_dict
@@ -251,8 +290,16 @@ class GMTAdamW(torch.optim.Optimizer):
             _check_global_mask_ratio(groups)
         # torch's load_state_dict ends in __setstate__, which points every group back at self._gmt.
         super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "gmt"}, "param_groups": groups})
+        # torch's loading casts every state tensor but "step" to its parameter's dtype: the stored
+        # masks (bytes 0..255, exact in every float dtype) become uint8 again.
+        for state in self.state.values():
+            if "gmt_mask" in state and state["gmt_mask"].dtype != stored_masks.MASK_DTYPE:
+                state["gmt_mask"] = state["gmt_mask"].to(stored_masks.MASK_DTYPE)
         if extra is not None:
             self.skipped_steps.copy_(extra["skipped_steps"])
+            for name in ("selections", "since_selection"):
+                if name in extra:
+                    self._gmt[name].copy_(extra[name])
             self._last_stats.clear()
             self._last_stats.update({name: dict(stats) for name, stats in extra["last_stats"].items()})
 
@@ -278,18 +325,12 @@ class GMTAdamW(torch.optim.Optimizer):
             radix.check_mask_ratio(group["mask_ratio"])
         if self.scope == "global":
             _check_global_mask_ratio(self.param_groups)
-        scopes, records, sharded_rows = self._scopes(batches)
-        backend_for = lambda g: self._resolve(g.device, g.dtype)  # noqa: E731
-        selections = {
-            fmt: select_thresholds(fmt_scopes, fmt, backend_for, self._primary)
-            if self._sharding is None
-            else self._sharding.select(fmt_scopes, sharded_rows[fmt], fmt, backend_for, self._primary)
-            for fmt, fmt_scopes in scopes.items()
-        }
+        due = self._due()
+        selections, records, sharded_rows = self._select(batches, due)
 
         skip = None
         if self.nonfinite != "propagate" and selections:
-            nonfinite = functools.reduce(torch.add, [sel.nonfinite.sum() for sel in selections.values()])
+            nonfinite = self._nonfinite_count(selections)
             if self.nonfinite == "raise":
                 # GradScaler's overflow steps are skipped, not errors: found_inf is read first.
                 overflow = found_inf is not None and bool(found_inf.item() != 0)
@@ -315,16 +356,143 @@ class GMTAdamW(torch.optim.Optimizer):
             else:  # a list of 0-d tensors, not one tensor "scalar": dynamo traces this overload
                 torch._foreach_add_(steps, [(~skip_on[device]).to(torch.float32)] * len(steps))
 
-        kept_by_format = {fmt: torch.zeros(len(s), dtype=torch.int64, device=self._primary) for fmt, s in scopes.items()}
+        kept_by_key = {key: torch.zeros(len(sel.thresholds), dtype=torch.int64, device=self._primary)
+                       for key, sel in selections.items()}
+        refresh_on = _PerDevice(due)
         for batch in batches:
-            self._update(batch, selections, kept_by_format, grad_scale, skip_on)
+            self._update(batch, selections, kept_by_key, grad_scale, skip_on, refresh_on, update_params=True)
 
         if self._sharding is not None:
-            self._sharding.reduce_rows(kept_by_format, sharded_rows)
+            self._sharding.reduce_rows(kept_by_key, sharded_rows)
         if skip is not None:
             self.skipped_steps += skip.to(self.skipped_steps.device)
-        self._record_stats(records, selections, kept_by_format, grad_scale, skip)
+        refreshed = self._advance_schedule(due, skip)
+        self._record_stats(records, selections, kept_by_key, grad_scale, refreshed)
         return loss
+
+    @torch.no_grad()
+    def select_mask(self) -> None:
+        """Score the current gradients as step() would, select the mask and store it; nothing else
+        changes (parameters, moments, step counts, skipped_steps). The next step() uses this mask and
+        the refresh schedule counts from it (SEMANTICS.md section 8). With nonfinite="skip", NaN/inf
+        gradients store nothing (a warning says so); "raise" raises FloatingPointError."""
+        if self.refresh_every == 1:
+            raise ValueError(
+                "GMTAdamW.select_mask() needs stored masks, but refresh_every=1 selects a new mask at every "
+                "step, so a mask selected now would never be used. Construct the optimizer with "
+                "refresh_every=None (select once, keep the mask) or refresh_every=K (re-select every K steps)."
+            )
+        self._follow_parameters()
+        batches = self._gather()
+        if not batches:
+            return
+        for group in self.param_groups:
+            radix.check_mask_ratio(group["mask_ratio"])
+        if self.scope == "global":
+            _check_global_mask_ratio(self.param_groups)
+        due = torch.ones((), dtype=torch.bool, device=self._primary)
+        selections, _, sharded_rows = self._select(batches, due)
+        skip = None
+        if self.nonfinite != "propagate" and selections:
+            nonfinite = self._nonfinite_count(selections)
+            if self.nonfinite == "raise" and nonfinite.item() > 0:
+                self._raise_nonfinite(batches)
+            skip = nonfinite > 0
+            if bool(skip.item()):  # select_mask is not step(): a host read is fine here
+                warnings.warn(
+                    "GMTAdamW.select_mask(): the gradients have NaN or inf entries, so no mask was selected or "
+                    "stored (nonfinite='skip'); the next step() selects one from its own gradients.",
+                    RuntimeWarning, stacklevel=2,
+                )
+        self._init_masks(batches)
+        for batch in batches:  # the parameters' own state is not needed: only masks and kept change
+            batch.states = [{"gmt_mask": self.state[p]["gmt_mask"]} if "gmt_mask" in self.state[p] else {}
+                            for p in batch.params]
+        if self._sharding is not None:
+            _use_local_shards(batches)
+        kept_by_key = {key: torch.zeros(len(sel.thresholds), dtype=torch.int64, device=self._primary)
+                       for key, sel in selections.items()}
+        for batch in batches:
+            if batch.group["mask_ratio"] > 0:
+                self._update(batch, selections, kept_by_key, None, _PerDevice(skip), _PerDevice(due),
+                             update_params=False)
+        done = due if skip is None else ~skip
+        self._gmt["selections"] += done.to(torch.int64)
+        self._gmt["since_selection"].copy_(torch.where(done, 0, self._gmt["since_selection"]))
+
+    def _due(self) -> Optional[Tensor]:
+        """Whether this step selects a new mask: None for refresh_every=1 (always, nothing stored),
+        else a 0-d bool on the primary device (SEMANTICS.md section 8; read nowhere on the host)."""
+        if self.refresh_every == 1:
+            return None
+        first = self._gmt["selections"] == 0
+        if self.refresh_every is None:
+            return first
+        return first | (self._gmt["since_selection"] >= self.refresh_every)
+
+    def _advance_schedule(self, due: Optional[Tensor], skip: Optional[Tensor]):
+        """After the update: selections += due & ~skip; since_selection = 1 after a selection, + 1
+        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip), a 0-d bool or True."""
+        since = self._gmt["since_selection"]
+        if due is None:  # refresh_every=1: every step that is not skipped selects
+            refreshed = True if skip is None else ~skip
+            advanced = torch.ones_like(since)
+        else:
+            refreshed = due if skip is None else due & ~skip
+            advanced = torch.where(due, torch.ones_like(since), since + 1)
+        since.copy_(advanced if skip is None else torch.where(skip, since, advanced))
+        self._gmt["selections"] += 1 if refreshed is True else refreshed.to(torch.int64)
+        return refreshed
+
+    def _nonfinite_count(self, selections) -> Tensor:
+        """NaN/inf gradient entries of the step, from the selections that count them on the gradient."""
+        counts = [sel.nonfinite.sum() for key, sel in selections.items() if key[1] in _KINDS_WITH_NONFINITE]
+        return functools.reduce(torch.add, counts)
+
+    def _select(self, batches: list[_Batch], due: Optional[Tensor]):
+        """Every scope's threshold for this step: {selection key: Selection}, the scope records and
+        the rows to all-reduce. Score scopes start finished where due is false (nothing is read)."""
+        scopes, records, sharded_rows = self._scopes(batches, separate_check=due is not None)
+        backend_for = lambda g: self._resolve(g.device, g.dtype)  # noqa: E731
+        scoring = self._step_random = self._step_scoring(batches)
+        selections = {}
+        for key, key_scopes in scopes.items():
+            fmt, kind = key
+            # A step that reuses the stored masks finishes the score scopes before their first pass.
+            done = ~due if kind == "score" and due is not None else None
+            options = {"scoring": scoring if kind == "score" else GRAD, "done": done}
+            if self._sharding is None:
+                selections[key] = select_thresholds(key_scopes, fmt, backend_for, self._primary, **options)
+            else:
+                selections[key] = self._sharding.select(key_scopes, sharded_rows[key], fmt, backend_for,
+                                                        self._primary, **options)
+        return selections, records, sharded_rows
+
+    def _step_scoring(self, batches: list[_Batch]) -> Scoring:
+        """The criterion's Scoring over every masked tensor of the step, indexed by _Batch.ids."""
+        if self.criterion == "grad":
+            return GRAD
+        params = [(b, i) for b in batches for i in range(len(b.params)) if b.ids]
+        params.sort(key=lambda bi: bi[0].ids[bi[1]])
+        if self.criterion == "grad_over_weight":
+            return Scoring("grad_over_weight", self.score_eps, weights=[_local(b.params[i]).detach() for b, i in params])
+        groups = tuple(b.group_index for b, i in params)
+        positions = tuple(b.positions[i] for b, i in params)
+        offsets = tuple(self._entry_offset(b.params[i]) for b, i in params)
+        device = self._primary
+        consts = _scope_indices.get(
+            (device, "random", groups, positions, offsets),
+            lambda: tuple(torch.tensor(v, dtype=torch.int64).to(device) for v in (groups, positions, offsets)),
+        )
+        keys = random_keys_like(self.seed, self._gmt["selections"], consts[0], consts[1])
+        return Scoring("random", self.score_eps, random_keys=keys, entry_offsets=consts[2])
+
+    def _entry_offset(self, p: Tensor) -> int:
+        if self._sharding is None:
+            return 0
+        from .distributed import entry_offset
+
+        return entry_offset(p)
 
     def _resolve(self, device: torch.device, dtype: torch.dtype) -> Backend:
         """resolve() once per (device, dtype) and step, not per tensor (a step's host time grows
@@ -361,6 +529,8 @@ class GMTAdamW(torch.optim.Optimizer):
                         f"GMTAdamW updates real floating-point parameters; parameter {pi} of param group "
                         f"{gi} is {p.dtype}. Use torch.view_as_real for complex parameters."
                     )
+                if group["mask_ratio"] > 0:
+                    self._check_maskable(p, gi, pi)
                 backend = self._resolve(p.device, p.dtype)
                 key = (gi, p.device, p.dtype)
                 batch = batches.setdefault(key, _Batch(group=group, group_index=gi, backend=backend))
@@ -374,12 +544,32 @@ class GMTAdamW(torch.optim.Optimizer):
                     batch.contributions.append(self._sharding.contribution(p, p.grad, where))
         return list(batches.values())
 
+    def _check_maskable(self, p: Tensor, gi: int, pi: int) -> None:
+        """Random scores and stored masks index entries row-major, which kernels read in memory
+        order: such parameters must be contiguous (and, sharded, split along dim 0 only)."""
+        needs = [what for what, used in (("criterion='random'", self.criterion == "random"),
+                                         (f"refresh_every={self.refresh_every!r}", self.refresh_every != 1)) if used]
+        if not needs:
+            return
+        if not _local(p).is_contiguous():
+            raise ValueError(
+                f"GMTAdamW with {' and '.join(needs)} indexes the entries of parameter {pi} of param group {gi} "
+                f"row-major, but it is not contiguous (shape {tuple(p.shape)}, strides {tuple(_local(p).stride())}); "
+                "nothing was changed. Make it contiguous (e.g. module.to(memory_format=torch.contiguous_format)) "
+                "or use criterion='grad' with refresh_every=1."
+            )
+        if self._sharding is not None:
+            from .distributed import check_row_sharded
+
+            check_row_sharded(p, f"parameter {pi} of param group {gi}", needs, random=self.criterion == "random",
+                              plain_are_shards=self._sharding.plain_are_shards)
+
     def _init_state(self, batches: list[_Batch]) -> None:
         """The state dict of every parameter, created in torch.optim.AdamW's layout on first use."""
         for batch in batches:
             for p in batch.params:
                 state = self.state[p]
-                if len(state) == 0:
+                if "step" not in state:  # (select_mask may have stored a mask first)
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -388,19 +578,49 @@ class GMTAdamW(torch.optim.Optimizer):
                 if state["step"].device != p.device:  # torch.optim.AdamW keeps it on the CPU
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
                 batch.states.append(state)
+        self._init_masks(batches)
 
-    def _scopes(self, batches: list[_Batch]):
-        """The scopes of this step, grouped by key format, and a record of each for mask_stats."""
+    def _init_masks(self, batches: list[_Batch]) -> None:
+        """The stored mask "gmt_mask" of every masked parameter, created on first use when masks are
+        kept between steps (refresh_every != 1): uint8, layout in gmt_kernels/masks.py; for a
+        DTensor parameter a DTensor sharded like it along dim 0."""
+        if self.refresh_every == 1:
+            return
+        for batch in batches:
+            if batch.group["mask_ratio"] == 0:
+                continue
+            for p in batch.params:
+                state = self.state[p]
+                if "gmt_mask" not in state:
+                    if self._sharding is not None and _is_dtensor(p):
+                        from .distributed import new_sharded_mask
+
+                        state["gmt_mask"] = new_sharded_mask(p)
+                    else:
+                        state["gmt_mask"] = stored_masks.new_mask(p)
+
+    def _scopes(self, batches: list[_Batch], separate_check: bool):
+        """The scopes of this step, grouped by selection key (key format, kind), and a record of each
+        for mask_stats. separate_check: count NaN/inf in k = 0 scopes of their own (criteria that do
+        not score |g|, and steps that may reuse stored masks), not in the score scopes' histograms."""
+        separate_check = separate_check or self.criterion != "grad"
+        score_kind = "score" if separate_check else "grad"
         masked: dict[str, list] = defaultdict(list)  # scope name -> [(batch, index)]
         unmasked: dict[torch.dtype, list] = defaultdict(list)
         names = {}
+        next_id = 0
         for batch in batches:
             gi = batch.group_index
             ratio = batch.group["mask_ratio"]
+            batch.ids = []
             for i, (pi, p) in enumerate(zip(batch.positions, batch.params)):
                 if ratio == 0:
                     unmasked[p.dtype].append((batch, i))
                     continue
+                batch.ids.append(next_id)
+                next_id += 1
+                if separate_check:
+                    unmasked[p.dtype].append((batch, i))
                 if self.scope == "global":
                     name = "global"
                 elif self.scope == "group":
@@ -411,37 +631,40 @@ class GMTAdamW(torch.optim.Optimizer):
                 names[name] = ratio
                 masked[name].append((batch, i))
 
-        scopes: dict[radix.KeyFormat, list[Scope]] = defaultdict(list)
+        scopes: dict[tuple, list[Scope]] = defaultdict(list)
         records = []
         exact = self.threshold == "exact"
 
-        sharded_scopes = []  # (fmt, row, ratio, members): k waits for the global entry count
+        sharded_scopes = []  # (key, row, ratio, members): k waits for the global entry count
 
-        def add(name, members, ratio, record):
-            fmt = radix.key_format_for(b.params[i].dtype for b, i in members)
+        def add(name, members, ratio, kind):
+            criterion = self.criterion if kind == "score" else "grad"
+            fmt = radix.key_format_for((b.params[i].dtype for b, i in members), criterion)
+            key = (fmt, kind)
             numel = sum(b.grads[i].numel() for b, i in members)
-            row = len(scopes[fmt])
-            scopes[fmt].append(
+            row = len(scopes[key])
+            scopes[key].append(
                 Scope(
                     grads=[b.grads[i] for b, i in members],
                     k=radix.kept_count(numel, ratio),
                     slack=radix.rank_slack(numel, exact),
                     numel=numel,
+                    ids=[b.ids[i] for b, i in members] if kind == "score" else None,
                 )
             )
-            for b, i in members:
-                b.scope_rows.append((i, fmt, row))
-            if record:
-                records.append(_ScopeRecord(name, fmt, row, numel))
+            if name is not None:
+                for b, i in members:
+                    b.scope_rows.append((i, key, row))
+                records.append(_ScopeRecord(name, key, row, numel))
             if self._sharding is not None:
-                sharded_scopes.append((fmt, row, ratio, members))
+                sharded_scopes.append((key, row, ratio, members))
 
         for name, members in masked.items():
-            add(name, members, names[name], True)
-        if self.nonfinite != "propagate":  # unmasked tensors are only checked for NaN / inf:
+            add(name, members, names[name], score_kind)
+        if self.nonfinite != "propagate":  # tensors only checked for NaN / inf:
             for members in unmasked.values():  # k = 0 (ratio 1), one pass that counts them
-                add("unmasked", members, 1.0, False)
-        sharded_rows = defaultdict(list)  # per format, the rows whose histograms are all-reduced
+                add(None, members, 1.0, "check" if separate_check else "grad")
+        sharded_rows = defaultdict(list)  # per selection key, the rows whose histograms are all-reduced
         if sharded_scopes:
             self._globalize_scopes(sharded_scopes, scopes, records, sharded_rows, exact)
         return scopes, records, sharded_rows
@@ -452,64 +675,88 @@ class GMTAdamW(torch.optim.Optimizer):
         from .distributed import scope_members
 
         views = []
-        for fmt, row, ratio, members in sharded_scopes:
+        for key, row, ratio, members in sharded_scopes:
             grads = [b.grads[i] for b, i in members]
-            view = scope_members(grads, [b.contributions[i] for b, i in members])
+            ids = scopes[key][row].ids
+            view = scope_members(grads, [b.contributions[i] for b, i in members], ids)
             views.append(view)
             if view.sharded:
-                sharded_rows[fmt].append(row)
+                sharded_rows[key].append(row)
                 for (b, i), c in zip(members, (b.contributions[i] for b, i in members)):
-                    if not c.counted_here:
+                    if not c.counted_here and i not in b.uncounted:
                         b.uncounted.append(i)
         numels = self._sharding.global_numels(
             [v.known_numel for v in views], [v.shard_numel for v in views], self._primary
         )
-        record_of = {(rec.fmt, rec.row): rec for rec in records}
-        for (fmt, row, ratio, _), view, numel in zip(sharded_scopes, views, numels):
-            scope = scopes[fmt][row]
-            scope.grads = view.grads
+        record_of = {(rec.key, rec.row): rec for rec in records}
+        for (key, row, ratio, _), view, numel in zip(sharded_scopes, views, numels):
+            scope = scopes[key][row]
+            scope.grads, scope.ids = view.grads, view.ids
             scope.k, scope.slack, scope.numel = radix.kept_count(numel, ratio), radix.rank_slack(numel, exact), numel
-            if (fmt, row) in record_of:
-                record_of[(fmt, row)].numel = numel
+            if (key, row) in record_of:
+                record_of[(key, row)].numel = numel
 
-    def _update(self, batch: _Batch, selections, kept_by_format, grad_scale, skip_on) -> None:
+    def _update(self, batch: _Batch, selections, kept_by_key, grad_scale, skip_on, refresh_on, *,
+                update_params: bool) -> None:
         group, params = batch.group, batch.params
         device, n = params[0].device, len(params)
-        fmt = radix.key_format_for([params[0].dtype])
-        rows = {i: (f, row) for i, f, row in batch.scope_rows}
+        rows = {i: (key, row) for i, key, row in batch.scope_rows}
         masked = group["mask_ratio"] > 0
+        scoring, masks, refresh = GRAD, (), None
         if masked:
-            fmt = rows[0][0]  # every tensor of a batch shares its scopes' key format
+            key = rows[0][0]  # every tensor of a batch shares its scopes' selection key
+            fmt = key[0]
             index = _device_index(tuple(rows[i][1] for i in range(n)), self._primary)
-            thresholds = selections[fmt].thresholds.index_select(0, index).to(device, non_blocking=True)
+            thresholds = selections[key].thresholds.index_select(0, index).to(device, non_blocking=True)
+            scoring = self._batch_scoring(batch, device)
+            if self.refresh_every != 1:
+                masks = [s["gmt_mask"] for s in batch.states]
+                refresh = refresh_on[device]
         else:  # threshold 0 keeps every entry
+            fmt = radix.key_format_for([params[0].dtype])
             thresholds = torch.zeros(n, dtype=fmt.threshold_dtype, device=device)
         kept = torch.zeros(n, dtype=torch.int64, device=device)
         beta1, beta2 = (float(b) if isinstance(b, Tensor) else b for b in group["betas"])
+        if update_params:
+            states = batch.states
+        else:  # select_mask: the update writes masks and kept only; the params stand in for the moments
+            states = [{"exp_avg": p, "exp_avg_sq": p, "max_exp_avg_sq": p, "step": _unused_step(device)} for p in params]
         batch.backend.masked_adamw(
             params,
             batch.grads,
-            [s["exp_avg"] for s in batch.states],
-            [s["exp_avg_sq"] for s in batch.states],
-            [s["max_exp_avg_sq"] for s in batch.states] if group["amsgrad"] else [],
-            [s["step"] for s in batch.states],
-            thresholds,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] and update_params else [],
+            [s["step"] for s in states],
             kept,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-            mask_mode=self.mask_mode,
-            grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-            skip=skip_on[device],
+            options=AdamWOptions(
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"] and update_params,
+                maximize=group["maximize"],
+                mask_mode=self.mask_mode,
+                grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                skip=skip_on[device],
+            ),
+            mask=MaskSource(thresholds, scoring, masks=masks, refresh=refresh, update_params=update_params),
         )
         if masked:
             if batch.uncounted:  # replicas whose entries another rank of the group reports
                 kept.index_fill_(0, torch.tensor(batch.uncounted, dtype=torch.int64, device=device), 0)
-            kept_by_format[fmt].index_add_(0, index, kept.to(self._primary, non_blocking=True))
+            kept_by_key[key].index_add_(0, index, kept.to(self._primary, non_blocking=True))
+
+    def _batch_scoring(self, batch: _Batch, device: torch.device) -> Scoring:
+        """The update's scoring of one masked batch (theta is read from the parameters)."""
+        if self.criterion != "random":
+            return GRAD if self.criterion == "grad" else Scoring(self.criterion, self.score_eps)
+        step = self._step_random
+        index = _device_index(tuple(batch.ids), self._primary)
+        return Scoring("random", self.score_eps,
+                       random_keys=step.random_keys.index_select(0, index).to(device, non_blocking=True),
+                       entry_offsets=step.entry_offsets.index_select(0, index).to(device, non_blocking=True))
 
     def _raise_nonfinite(self, batches: list[_Batch]) -> None:
         for gi, group in enumerate(self.param_groups):
@@ -528,20 +775,28 @@ class GMTAdamW(torch.optim.Optimizer):
                 "(that rank names the parameter); nothing was changed. Use nonfinite='skip' to skip such steps."
             )
 
-    def _record_stats(self, records, selections, kept_by_format, grad_scale, skip) -> None:
+    def _record_stats(self, records, selections, kept_by_key, grad_scale, refreshed) -> None:
         stats = {}
         for rec in records:
-            threshold = selections[rec.fmt].thresholds[rec.row]
-            if grad_scale is not None:
+            threshold = selections[rec.key].thresholds[rec.row]
+            if grad_scale is not None and self.criterion != "random":  # scores of the raw, scaled g
                 threshold = threshold / grad_scale.to(threshold.device)
-            stats[rec.name] = {"threshold": threshold, "kept": kept_by_format[rec.fmt][rec.row], "numel": rec.numel}
+            if refreshed is not True:  # a step that reuses the stored mask reports the threshold it was selected with
+                previous = self._last_stats.get(rec.name, {}).get("threshold")
+                if previous is not None:
+                    previous = torch.as_tensor(previous, dtype=threshold.dtype).to(threshold.device)
+                    threshold = torch.where(refreshed.to(threshold.device), threshold, previous)
+            stats[rec.name] = {"threshold": threshold, "kept": kept_by_key[rec.key][rec.row], "numel": rec.numel,
+                               "refreshed": refreshed}
         # In place: under torch.compile an attribute assignment on an Optimizer is dropped (pytorch#171590).
         self._last_stats.clear()
         self._last_stats.update(stats)
 
     def mask_stats(self) -> dict:
-        """Per scope of the last step: {"threshold": float (in unscaled gradient units), "kept": int
-        (entries updated with their gradient; 0 for a skipped step), "numel": int}. Reading it
+        """Per scope of the last step: {"threshold": float (in the criterion's score units; "grad":
+        unscaled gradient units; on a step that reused the stored mask, the threshold it was selected
+        with), "kept": int (entries updated with their gradient; 0 for a skipped step), "numel": int,
+        "refreshed": bool (this step selected a new mask)}. Reading it
         synchronises with the device; step() itself does not."""
         return {
             name: {k: (v.item() if isinstance(v, Tensor) else v) for k, v in s.items()}
@@ -555,6 +810,52 @@ def _torch_adamw_defaults() -> dict:
     (capturable, differentiable, decoupled_weight_decay, ...), with AdamW's default values."""
     probe = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     return dict(probe.defaults)
+
+
+_GMT_COUNTERS = ("skipped_steps", "selections", "since_selection")
+
+
+def _new_gmt_state() -> dict:
+    """GMT's counters (0-d int64, moved to the primary device) and the last stats."""
+    state = {name: torch.zeros((), dtype=torch.int64) for name in _GMT_COUNTERS}
+    state["last_stats"] = {}
+    return state
+
+
+def _check_refresh_every(refresh_every) -> None:
+    if refresh_every is None:
+        return
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(
+            f"Invalid refresh_every value: {refresh_every!r}. Use 1 (select a new mask at every step, GMT), "
+            "an integer K > 1 (select at every K-th step that is not skipped and reuse the stored mask in "
+            "between) or None (select once and keep the mask for the rest of training)."
+        )
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise ValueError(
+            f"Invalid seed value: {seed!r}. The random criterion's seed is an integer in [0, 2**64); "
+            "pass a non-negative Python int."
+        )
+
+
+def _check_score_eps(score_eps) -> None:
+    if isinstance(score_eps, bool) or not isinstance(score_eps, (int, float)) or not 0.0 <= score_eps < math.inf:
+        raise ValueError(
+            f"Invalid score_eps value: {score_eps!r}. criterion='grad_over_weight' scores |g| / (|theta| + "
+            "score_eps): pass a finite number >= 0 (default 1e-8)."
+        )
+
+
+def _unused_step(device: torch.device) -> Tensor:
+    """A 0-d float32 step for an update that changes no parameter (select_mask): never read."""
+    return _scope_indices.get((device, "unused step"), lambda: torch.ones((), dtype=torch.float32, device=device))
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
 
 
 def _check_global_mask_ratio(groups) -> None:

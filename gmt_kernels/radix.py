@@ -74,13 +74,15 @@ _HASH_BLOCK, _HASH_TENSOR, _HASH_MASK = 0x9E3779B1, 0x85EBCA77, 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class KeyFormat:
-    """How scores of one scope become integer keys: the float type they are read in."""
+    """How scores of one scope become integer keys: the float type they are read in, or (integer
+    formats: "u32", the random criterion's 32-bit scores) the integer score itself."""
 
     name: str
-    float_dtype: torch.dtype
+    float_dtype: torch.dtype  # the float type scores are read in (integer formats: their thresholds')
     int_dtype: torch.dtype
     key_bits: int  # bits below the (always clear) sign bit: exponent and mantissa
     mantissa_bits: int
+    integer: bool = False  # keys are the scores themselves (no NaN / inf: NONFINITE stays 0)
 
     @property
     def key_max(self) -> int:
@@ -88,7 +90,10 @@ class KeyFormat:
 
     @property
     def inf_key(self) -> int:
-        """Keys at or above this one are +-inf (all-ones exponent, zero mantissa) or NaN."""
+        """Keys at or above this one are +-inf (all-ones exponent, zero mantissa) or NaN; integer
+        formats have none (a key past key_max)."""
+        if self.integer:
+            return 1 << self.key_bits
         return ((1 << (self.key_bits - self.mantissa_bits)) - 1) << self.mantissa_bits
 
     def passes(self, sampled: bool) -> int:
@@ -98,6 +103,7 @@ class KeyFormat:
 
     @property
     def threshold_dtype(self) -> torch.dtype:
+        """float32, or float64 for f64 keys and for u32 (every 32-bit integer exact)."""
         return torch.float64 if self.float_dtype == torch.float64 else torch.float32
 
 
@@ -107,12 +113,18 @@ KEY_FORMATS = {
     torch.float32: KeyFormat("f32", torch.float32, torch.int32, 31, 23),
     torch.float64: KeyFormat("f64", torch.float64, torch.int64, 63, 52),
 }
-KEY_FORMATS_BY_NAME = {fmt.name: fmt for fmt in KEY_FORMATS.values()}
+# The random criterion's scores u in [0, 2**32): int64 keys equal to u, float64 thresholds (exact).
+U32 = KeyFormat("u32", torch.float64, torch.int64, 32, 0, integer=True)
+KEY_FORMATS_BY_NAME = {fmt.name: fmt for fmt in (*KEY_FORMATS.values(), U32)}
 
 
-def key_format_for(dtypes) -> KeyFormat:
-    """The narrowest format in which every score of these dtypes is exact: a scope of one 16-bit
-    dtype keeps its 15-bit keys, mixed 16-bit dtypes meet in float32, float64 wins."""
+def key_format_for(dtypes, criterion: str = "grad") -> KeyFormat:
+    """The key format of a scope whose gradients have these dtypes, under `criterion`
+    (SEMANTICS.md section 8, options.CRITERIA):
+    "grad": the narrowest format in which every |g| is exact: a scope of one 16-bit dtype keeps its
+        15-bit keys, mixed 16-bit dtypes meet in float32, float64 wins;
+    "grad_over_weight": scores are computed in float32, or float64 if any tensor is float64;
+    "random": u32."""
     dtypes = set(dtypes)
     for dt in dtypes:
         if dt not in KEY_FORMATS:
@@ -120,6 +132,12 @@ def key_format_for(dtypes) -> KeyFormat:
                 f"gmt_kernels scores floating-point gradients only; got dtype {dt}. "
                 f"Supported: {', '.join(str(d) for d in KEY_FORMATS)}."
             )
+    if criterion == "random":
+        return U32
+    if criterion == "grad_over_weight":
+        return KEY_FORMATS[torch.float64 if torch.float64 in dtypes else torch.float32]
+    if criterion != "grad":
+        raise ValueError(f"unknown criterion {criterion!r}; expected one of 'grad', 'grad_over_weight', 'random'.")
     if len(dtypes) == 1:
         return KEY_FORMATS[dtypes.pop()]
     if torch.float64 in dtypes:
@@ -127,13 +145,63 @@ def key_format_for(dtypes) -> KeyFormat:
     return KEY_FORMATS[torch.float32]
 
 
-def score_keys(grad: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
-    """int64 keys of |grad| read in `fmt` (exact: the format is at least as wide as grad's dtype)."""
-    return grad.abs().to(fmt.float_dtype).view(fmt.int_dtype).to(torch.int64)
+def entry_scores(grad: torch.Tensor, fmt: KeyFormat, scoring=None, *, tensor_index: int = 0, start: int = 0,
+                 weight=None) -> torch.Tensor:
+    """The score of every entry of `grad` (SEMANTICS.md sections 1 and 8), the one definition every
+    backend restates: float scores in fmt.threshold_dtype, or int64 u for the random criterion.
+
+    scoring: options.Scoring (None: "grad"). grad is a row-major piece of the scope's
+    `tensor_index`-th tensor that starts at its row-major entry `start` (the random score's entry
+    index is scoring.entry_offsets[tensor_index] + start + j); weight: theta, same shape as grad
+    ("grad_over_weight"). A tensor keeps entry j iff score >= its threshold or the score is NaN.
+    - "grad": |g| (exact in the threshold dtype);
+    - "grad_over_weight": |g| / (|theta| + eps) with g, theta and eps = score_eps rounded to
+      the threshold dtype first, one correctly rounded add and one correctly rounded division; every
+      NaN (from g or theta, 0/0, inf/inf) becomes the NaN whose bits are all ones but the sign bit
+      (key key_max): the largest score, with one key whatever NaN payload the hardware propagates;
+    - "random": u of scores.py from the tensor's key scoring.random_keys[tensor_index].
+    """
+    criterion = "grad" if scoring is None else scoring.criterion
+    if criterion == "grad":
+        return grad.abs().to(fmt.threshold_dtype)
+    if criterion == "grad_over_weight":
+        cdt = fmt.threshold_dtype
+        eps = torch.full((), scoring.score_eps, dtype=cdt, device=grad.device)
+        s = grad.to(cdt).abs() / (weight.to(cdt).abs() + eps)
+        return torch.where(s.isnan(), _canonical_nan(cdt, grad.device), s)
+    if criterion == "random":
+        from .scores import random_scores_keyed
+
+        entries = torch.arange(start, start + grad.numel(), dtype=torch.int64, device=grad.device)
+        entries = entries + scoring.entry_offsets[tensor_index]
+        return random_scores_keyed(scoring.random_keys[tensor_index], entries).view(grad.shape)
+    raise ValueError(f"unknown criterion {criterion!r}; expected one of 'grad', 'grad_over_weight', 'random'.")
+
+
+def _canonical_nan(dtype: torch.dtype, device) -> torch.Tensor:
+    """The positive NaN with every exponent and mantissa bit set: its key is KeyFormat.key_max."""
+    int_dtype = torch.int64 if dtype == torch.float64 else torch.int32
+    return torch.full((), torch.iinfo(int_dtype).max, dtype=int_dtype, device=device).view(dtype)
+
+
+def score_keys(grad: torch.Tensor, fmt: KeyFormat, scoring=None, *, tensor_index: int = 0, start: int = 0,
+               weight=None) -> torch.Tensor:
+    """int64 keys of entry_scores (same arguments), monotone in the score, NaN above +inf: a float
+    score's bits read as an integer (exact: the format is at least as wide as the score), a u32
+    score itself."""
+    if fmt.integer:
+        return entry_scores(grad, fmt, scoring, tensor_index=tensor_index, start=start, weight=weight)
+    if scoring is None or scoring.criterion == "grad":  # |g| in its own dtype, widened exactly
+        s = grad.abs()
+    else:
+        s = entry_scores(grad, fmt, scoring, tensor_index=tensor_index, start=start, weight=weight)
+    return s.to(fmt.float_dtype).view(fmt.int_dtype).to(torch.int64)
 
 
 def keys_to_threshold(keys: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
     """The score whose key is `keys`, in fmt.threshold_dtype (exact)."""
+    if fmt.integer:
+        return keys.to(fmt.threshold_dtype)
     return keys.to(fmt.int_dtype).view(fmt.float_dtype).to(fmt.threshold_dtype)
 
 

@@ -112,12 +112,32 @@ def random_scores(seed: int, selection: int, group_index: int, position: int, en
     row-major positions in the whole parameter): an int64 tensor of the same shape and device
     with values in [0, 2**32). Temporaries are a few int64 tensors of entry_index's size: callers
     bound memory by passing chunks."""
+    return random_scores_keyed(random_key(seed, selection, group_index, position), entry_index)
+
+
+def random_scores_keyed(key, entry_index: torch.Tensor) -> torch.Tensor:
+    """u(entry) of the module docstring for a tensor whose key is `key` (a Python int, or an int64
+    tensor of 32-bit words that broadcasts against entry_index, e.g. a 0-d tensor on the device:
+    random_keys_like computes those), for every entry index in `entry_index`."""
     _check_index_dtype(entry_index)
-    key = random_key(seed, selection, group_index, position)
     entry = entry_index.to(torch.int64)
     t = _mix_(((entry >> 32) & MASK32) ^ key)
     u = _mix_((entry & MASK32) ^ t)
     return _mix_(u.add_(t).bitwise_and_(MASK32))
+
+
+def random_keys_like(seed: int, selection: torch.Tensor, group_index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """random_key for many tensors at once, on the device: `selection` an int64 tensor in
+    [0, 2**63) (e.g. the optimizer's 0-d selection counter, read nowhere on the host), group_index
+    and position int64 tensors in [0, 2**32) that broadcast against it. Returns int64 keys in
+    [0, 2**32), bit for bit random_key(seed, selection, group, position)."""
+    _check_counter("seed", seed, 64)
+    words = (seed & MASK32, seed >> 32, selection & MASK32, (selection >> 32) & MASK32, group_index, position)
+    h = torch.full(torch.broadcast_shapes(selection.shape, group_index.shape, position.shape), _KEY_START,
+                   dtype=torch.int64, device=selection.device)
+    for w in words:
+        h = _mix_(h ^ w)
+    return h
 
 
 def random_scores_range(seed: int, selection: int, group_index: int, position: int, start: int, shape,

@@ -16,24 +16,28 @@ zeroed histogram rows, one allocation per step (small scope counts), else three 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import ops, radix  # noqa: F401  (ops defines torch.ops.gmt_kernels.*)
 from .backends import Backend
 from .device_constants import DeviceConstants
+from .options import GRAD, Scoring
 
 
 @dataclass
 class Scope:
     """Entries that share one threshold: k = number to keep, slack = allowed rank error (0: exact),
-    numel = entries of the scope (over every rank, for a scope sharded across processes)."""
+    numel = entries of the scope (over every rank, for a scope sharded across processes).
+    ids: per gradient, its index into the per-tensor fields of the call's Scoring (weights,
+    random_keys, entry_offsets); None when the criterion has none ("grad")."""
 
     grads: list
     k: int
     slack: int
     numel: int
+    ids: Optional[list] = None
 
 
 @dataclass
@@ -49,20 +53,30 @@ def select_thresholds(
     backend_for: Callable[[torch.Tensor], Backend],
     primary: torch.device,
     process_group=None,
+    *,
+    scoring: Scoring = GRAD,
+    done: Optional[torch.Tensor] = None,
 ) -> Selection:
+    """Thresholds of `scopes` (one key format) scored by `scoring` (its per-tensor fields indexed by
+    Scope.ids). done: a 0-d bool tensor on the primary device, or None; where true, every scope
+    starts finished, so the passes read nothing (a step that reuses stored masks)."""
     initial, sampled_first = _initial_state(scopes, key_format, primary)
     any_sampled = any(radix.first_pass_sample_log2(s.numel, s.k) > 0 for s in scopes)
     state = initial.clone()  # the one copy a step makes of it, device to device
+    if done is not None:
+        state[:, radix.DONE] = done.to(torch.int64)
 
-    # Work lists per (device, backend): the gradients and the state row of each one's scope.
-    work: dict[tuple[torch.device, str], tuple[Backend, list, list]] = {}
+    # Work lists per (device, backend): the gradients, the state row of each one's scope, its id.
+    work: dict[tuple[torch.device, str], tuple[Backend, list, list, list]] = {}
     for row, scope in enumerate(scopes):
-        for grad in scope.grads:
+        for j, grad in enumerate(scope.grads):
             backend = backend_for(grad)
-            entry = work.setdefault((grad.device, backend.name), (backend, [], []))
+            entry = work.setdefault((grad.device, backend.name), (backend, [], [], []))
             entry[1].append(grad)
             entry[2].append(row)
+            entry[3].append(None if scope.ids is None else scope.ids[j])
     local_state = {dev: state if dev == primary else state.to(dev) for dev, _ in work}
+    scorings = {key: _scoring_for(scoring, ids, key[0]) for key, (_, _, _, ids) in work.items()}
 
     passes = radix.max_passes(key_format, [s.numel for s in scopes], [s.k for s in scopes])
     # One zeroed histogram per pass in a single allocation (and no copy of pass 0's non-finite
@@ -78,9 +92,10 @@ def select_thresholds(
             hist = hists[pass_index]
         else:
             hist.zero_()
-        for (device, _), (backend, grads, rows) in work.items():
+        for (device, name), (backend, grads, rows, _) in work.items():
             part = hist if device == primary else torch.zeros_like(hist, device=device)
-            backend.radix_histogram(grads, rows, local_state[device], part, key_format=key_format)
+            backend.radix_histogram(grads, rows, local_state[device], part, key_format=key_format,
+                                    scoring=scorings[(device, name)])
             if part is not hist:
                 hist += part.to(primary)
         if process_group is not None:
@@ -105,7 +120,21 @@ def select_thresholds(
     return Selection(thresholds, nonfinite, key_format)
 
 
+def _scoring_for(scoring: Scoring, ids: list, device: torch.device) -> Scoring:
+    """The call's scoring restricted to one work list's gradients (ids in their order)."""
+    if scoring.criterion == "grad":
+        return scoring
+    weights = [scoring.weights[i] for i in ids] if scoring.weights else ()
+    random_keys = entry_offsets = None
+    if scoring.random_keys is not None:
+        index = _work_indices.get((device, tuple(ids)), lambda: torch.tensor(ids, dtype=torch.int64).to(device))
+        random_keys = scoring.random_keys.to(device, non_blocking=True).index_select(0, index)
+        entry_offsets = scoring.entry_offsets.to(device, non_blocking=True).index_select(0, index)
+    return Scoring(scoring.criterion, scoring.score_eps, weights, random_keys, entry_offsets)
+
+
 _HIST_ROWS_AT_ONCE = 64  # 2 MiB
+_work_indices = DeviceConstants()
 _initial_states = DeviceConstants()
 
 

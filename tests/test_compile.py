@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch._dynamo
 
+from calls import GRAD_HISTOGRAM_SCHEMA_ARGS, GRAD_MASK_SCHEMA_ARGS, flat_masked_adamw
 from gmt_kernels import GMTAdamW, ops, radix
 from gmt_kernels.backends import resolve
 
@@ -114,8 +115,8 @@ def histogram_then_update(backend, grads, params, exp_avgs, exp_avg_sqs, steps, 
     torch.ops.gmt_kernels.radix_select(hist, state, fmt.key_bits)
     thresholds = torch.full((len(params),), 0.5)
     kept = torch.zeros(len(params), dtype=torch.int64)
-    backend.masked_adamw(
-        params, grads, exp_avgs, exp_avg_sqs, [], steps, thresholds, kept, lr=lr, beta1=0.9, beta2=0.999,
+    flat_masked_adamw(
+        backend.masked_adamw, params, grads, exp_avgs, exp_avg_sqs, [], steps, thresholds, kept, lr=lr, beta1=0.9, beta2=0.999,
         eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False, mask_mode="freeze", grad_scale=None,
         skip=torch.tensor(False),
     )
@@ -164,7 +165,7 @@ def test_schemas_declare_what_the_kernels_mutate(name):
     elif name.endswith("radix_select"):
         assert mutated == {"state"}
     else:
-        assert mutated == {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "kept"}
+        assert mutated == {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "kept", "masks"}
     assert not schema.returns  # everything the kernels produce is written into their inputs
 
 
@@ -188,17 +189,17 @@ def opcheck_inputs(name):
     fmt = radix.KEY_FORMATS[torch.float32]
     state = radix.initial_state([3, 3], [21, 5], [0, 0], fmt)
     if name.endswith("radix_histogram"):
-        return (grads, [0, 1], state, torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64), "f32"), {}
+        return (grads, [0, 1], state, torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64), "f32"), GRAD_HISTOGRAM_SCHEMA_ARGS
     if name.endswith("radix_select"):
         hist = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
-        torch.ops.gmt_kernels.radix_histogram(grads, [0, 1], state, hist, "f32")
+        torch.ops.gmt_kernels.radix_histogram(grads, [0, 1], state, hist, "f32", **GRAD_HISTOGRAM_SCHEMA_ARGS)
         return (hist, state, fmt.key_bits), {}
     params = [torch.randn(g.shape, generator=gen) for g in grads]
     states = [[torch.rand(g.shape, generator=gen) for g in grads] for _ in range(3)]
     args = (params, grads, *states, [torch.full((), 2.0) for _ in grads], torch.full((2,), 0.5),
-            torch.zeros(2, dtype=torch.int64))
+            torch.zeros(2, dtype=torch.int64), [])
     hyper = dict(lr=0.01, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=True,
-                 maximize=False, mask_mode="grad", grad_scale=None, skip=torch.tensor(False))
+                 maximize=False, mask_mode="grad", grad_scale=None, skip=torch.tensor(False), **GRAD_MASK_SCHEMA_ARGS)
     return args, hyper
 
 

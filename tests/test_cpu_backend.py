@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from calls import GRAD_HISTOGRAM_SCHEMA_ARGS, flat_masked_adamw
 from gmt_kernels import GMTAdamW, radix
 from gmt_kernels.backends import cpu, reference
 
@@ -214,19 +215,19 @@ def test_histogram_rejects_bad_arguments_with_reasons():
     hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
     ops = torch.ops.gmt_kernels
     with pytest.raises(RuntimeError, match="unknown key_format 'f8'"):
-        ops.radix_histogram(g, [0], state, hist, "f8")
+        ops.radix_histogram(g, [0], state, hist, "f8", **GRAD_HISTOGRAM_SCHEMA_ARGS)
     with pytest.raises(RuntimeError, match="cannot be scored exactly in key format f16"):
-        ops.radix_histogram(g, [0], radix.initial_state([3], [10], [0], radix.KEY_FORMATS[torch.float16]), hist, "f16")
+        ops.radix_histogram(g, [0], radix.initial_state([3], [10], [0], radix.KEY_FORMATS[torch.float16]), hist, "f16", **GRAD_HISTOGRAM_SCHEMA_ARGS)
     with pytest.raises(RuntimeError, match=rf"hist must be .*\[1, {radix.HIST_COLUMNS}\]"):
-        ops.radix_histogram(g, [0], state, hist[:, : radix.BINS], "f32")
+        ops.radix_histogram(g, [0], state, hist[:, : radix.BINS], "f32", **GRAD_HISTOGRAM_SCHEMA_ARGS)
     with pytest.raises(RuntimeError, match=r"state must be .*\[scopes, 10\]"):
-        ops.radix_histogram(g, [0], state[:, :3], hist, "f32")
+        ops.radix_histogram(g, [0], state[:, :3], hist, "f32", **GRAD_HISTOGRAM_SCHEMA_ARGS)
     with pytest.raises(RuntimeError, match="scope_of\\[0\\] = 4 is not a row of state"):
-        ops.radix_histogram(g, [4], state, hist, "f32")
+        ops.radix_histogram(g, [4], state, hist, "f32", **GRAD_HISTOGRAM_SCHEMA_ARGS)
     bad = state.clone()
     bad[0, radix.SHIFT] -= 1  # the whole key range in twice as many bins as there are
     with pytest.raises(RuntimeError, match=f"is not an interval of 31-bit keys in at most {radix.BINS} bins"):
-        ops.radix_histogram(g, [0], bad, hist, "f32")
+        ops.radix_histogram(g, [0], bad, hist, "f32", **GRAD_HISTOGRAM_SCHEMA_ARGS)
 
 
 # --- radix_select: the C++ copy of radix.select_bins (random states: test_select_kernels.py) ----
@@ -282,7 +283,7 @@ def assert_updates_match(dtype, case, flags, *, nan=False, threshold_dtype=None,
 
     def run_reference():
         inputs, kept_ref = fresh_inputs(), torch.zeros(len(SIZES), dtype=torch.int64)
-        reference.masked_adamw(*inputs, kept_ref, **kwargs)
+        flat_masked_adamw(reference.masked_adamw, *inputs, kept_ref, **kwargs)
         return inputs, kept_ref
 
     expected_state, kept_ref = cached_reference(("update", dtype, case, nan, threshold_dtype), run_reference)
@@ -291,7 +292,7 @@ def assert_updates_match(dtype, case, flags, *, nan=False, threshold_dtype=None,
     if layout is not None:
         ours = layout(ours)
     kept = torch.full((len(SIZES),), 5, dtype=torch.int64)  # the op adds to it
-    cpu.masked_adamw(*ours, kept, **kwargs)
+    flat_masked_adamw(cpu.masked_adamw, *ours, kept, **kwargs)
     assert (kept - 5).tolist() == kept_ref.tolist()
     rtol, atol = UPDATE_TOL[dtype]
     for name, mine, expected in zip(["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], ours, expected_state):
@@ -348,7 +349,7 @@ def test_float64_threshold_between_floats_keeps_what_a_float64_compare_keeps(dty
     for t in [0.1, f, np.nextafter(f, 1.0), np.nextafter(f, 0.0), float(above), float("inf"), 0.0]:
         kept = torch.zeros(1, dtype=torch.int64)
         p, m, v = torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g)
-        cpu.masked_adamw([p], [g], [m], [v], [], [torch.tensor(1.0)], torch.tensor([t], dtype=torch.float64), kept,
+        flat_masked_adamw(cpu.masked_adamw, [p], [g], [m], [v], [], [torch.tensor(1.0)], torch.tensor([t], dtype=torch.float64), kept,
                          lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
                          mask_mode="freeze", grad_scale=None, skip=None)
         expected = int((np.abs(g.double().numpy()) >= t).sum())
@@ -362,7 +363,7 @@ def test_skip_changes_nothing_and_counts_nothing():
                                                                  threshold_dtype=torch.float32)
     before = [t.clone() for t in params + m + v + vmax]
     kept = torch.zeros(len(SIZES), dtype=torch.int64)
-    cpu.masked_adamw(params, grads, m, v, vmax, steps, thresholds, kept, lr=1e-2, beta1=0.9, beta2=0.999,
+    flat_masked_adamw(cpu.masked_adamw, params, grads, m, v, vmax, steps, thresholds, kept, lr=1e-2, beta1=0.9, beta2=0.999,
                      eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False, mask_mode="grad",
                      grad_scale=None, skip=torch.tensor(True))
     assert all(torch.equal(a, b) for a, b in zip(before, params + m + v + vmax))
@@ -397,8 +398,8 @@ def test_update_writes_through_non_contiguous_parameters():
     kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False,
                   mask_mode="freeze", grad_scale=None, skip=None)
     threshold = torch.tensor([0.5])
-    cpu.masked_adamw([param], [grad], [m], [v], [], [torch.tensor(1.0)], threshold, torch.zeros(1, dtype=torch.int64), **kwargs)
-    reference.masked_adamw([ref[0]], [ref[1]], [ref[2]], [ref[3]], [], [torch.tensor(1.0)], threshold,
+    flat_masked_adamw(cpu.masked_adamw, [param], [grad], [m], [v], [], [torch.tensor(1.0)], threshold, torch.zeros(1, dtype=torch.int64), **kwargs)
+    flat_masked_adamw(reference.masked_adamw, [ref[0]], [ref[1]], [ref[2]], [ref[3]], [], [torch.tensor(1.0)], threshold,
                            torch.zeros(1, dtype=torch.int64), **kwargs)
     assert param.data_ptr() == storage.data_ptr()  # updated in place
     torch.testing.assert_close(param, ref[0], rtol=1e-6, atol=1e-9)
@@ -411,11 +412,11 @@ def test_update_rejects_mismatched_operands_with_reasons():
     kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
                   mask_mode="grad", grad_scale=None, skip=None)
     with pytest.raises(RuntimeError, match=r"grads\[0\] must be a CPU tensor of the parameter's dtype and shape"):
-        cpu.masked_adamw(*args([torch.randn(4, dtype=torch.float64)], [torch.zeros(4)]), **kwargs)
+        flat_masked_adamw(cpu.masked_adamw, *args([torch.randn(4, dtype=torch.float64)], [torch.zeros(4)]), **kwargs)
     with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] must be .* \[4\]"):
-        cpu.masked_adamw(*args([torch.randn(4)], [torch.zeros(5)]), **kwargs)
+        flat_masked_adamw(cpu.masked_adamw, *args([torch.randn(4)], [torch.zeros(5)]), **kwargs)
     with pytest.raises(RuntimeError, match="unknown mask_mode 'lazy'"):
-        cpu.masked_adamw(*args([torch.randn(4)], [torch.zeros(4)]), **{**kwargs, "mask_mode": "lazy"})
+        flat_masked_adamw(cpu.masked_adamw, *args([torch.randn(4)], [torch.zeros(4)]), **{**kwargs, "mask_mode": "lazy"})
 
 
 # --- the extension is what "auto" runs -------------------------------------------------------------

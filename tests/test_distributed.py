@@ -33,9 +33,10 @@ HISTOGRAMS_THEN_KEPT = [radix.HIST_COLUMNS * 8] * radix.KEY_FORMATS[torch.float3
 
 BACKENDS = ["reference"] + (["cpu"] if available_backends()["cpu"] is None else [])
 STEPS = 3
+CRITERIA_OPTIONS = ("grad", "grad_over_weight", "random")  # each with refresh_every=2 (stored masks)
 GLOBAL_BATCH = 8  # split evenly over 2 or 4 ranks
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
-TIMEOUT_S = 150  # a whole world's run; collectives time out sooner (PG_TIMEOUT)
+TIMEOUT_S = 300  # a whole world's run (on 2 shared cores); collectives time out sooner (PG_TIMEOUT)
 PG_TIMEOUT = datetime.timedelta(seconds=60)
 
 
@@ -142,11 +143,12 @@ def local_rows(x, rank, world):
     return x[rank * per_rank : (rank + 1) * per_rank]
 
 
-def train_fsdp(rank, world, backend, threshold, scope, mask_ratio=0.7):
-    """Several FSDP2 steps; everything needed to check them against the unsharded computation."""
+def train_fsdp(rank, world, backend, threshold, scope, mask_ratio=0.7, **options):
+    """Several FSDP2 steps; everything needed to check them against the unsharded computation.
+    options: more GMTAdamW arguments (criterion, refresh_every, ...)."""
     model = fsdp_model()
     opt = GMTAdamW(param_groups(model, scope == "group"), mask_ratio=mask_ratio, scope=scope,
-                   threshold=threshold, backend=backend, **HYPER)
+                   threshold=threshold, backend=backend, **HYPER, **options)
     out = {"grads": [], "stats": [], "all_reduce_bytes": []}
     for step in range(STEPS):
         x, y = batch(step)
@@ -162,6 +164,13 @@ def train_fsdp(rank, world, backend, threshold, scope, mask_ratio=0.7):
         type(s[key]) is type(p) and s[key].placements == p.placements
         for p, s in opt.state.items() for key in ("exp_avg", "exp_avg_sq")
     )
+    if options.get("refresh_every", 1) != 1:  # stored masks: DTensors sharded like their parameters
+        out["masks_are_sharded"] = all(
+            type(s["gmt_mask"]) is type(p) and s["gmt_mask"].placements == p.placements
+            and s["gmt_mask"].to_local().shape[0] == p.to_local().shape[0]
+            for p, s in opt.state.items()
+        )
+        out["masks"] = {n: full(opt.state[p]["gmt_mask"]) for n, p in model.named_parameters()}
     return out
 
 
@@ -315,6 +324,9 @@ def scenarios(rank, world):
     jobs[("fsdp", "reference", "approx", "global")] = lambda: train_fsdp(rank, world, "reference", "approx", "global")
     for scope in ("tensor", "group"):
         jobs[("fsdp", "reference", "exact", scope)] = lambda s=scope: train_fsdp(rank, world, "reference", "exact", s)
+    for criterion in CRITERIA_OPTIONS:  # (4 ranks: uneven shards, one rank without a row of the head's bias)
+        jobs[("fsdp-criterion", criterion)] = lambda c=criterion: train_fsdp(
+            rank, world, "reference", "exact", "global", criterion=c, refresh_every=2, seed=3)
     for mode in ("skip", "raise"):
         jobs[("nonfinite", mode)] = lambda m=mode: nonfinite_on_one_rank(rank, world, m)
     jobs["thresholds"] = lambda: thresholds_of_shards(rank, world)
@@ -373,11 +385,12 @@ def result(world, name, rank=0):
     return got
 
 
-def single_process(grads_per_step, threshold, scope, backend, mask_ratio=0.7):
+def single_process(grads_per_step, threshold, scope, backend, mask_ratio=0.7, **options):
     """The same optimizer on the unsharded model, fed the same (full) gradients."""
     model = make_model()
     opt = GMTAdamW(param_groups(model, scope == "group"), mask_ratio=mask_ratio, scope=scope,
-                   threshold=threshold, backend=backend, **HYPER)
+                   threshold=threshold, backend=backend, **HYPER, **options)
+    single_process.last = opt
     named = dict(model.named_parameters())
     stats = []
     for grads in grads_per_step:
@@ -592,3 +605,26 @@ def test_hsdp_reduces_over_the_shard_dim_and_checkpoints(world):
         assert other["group_ranks"] == shard_group
         assert other["all_reduce_bytes"] == HISTOGRAMS_THEN_KEPT
     assert names
+
+
+@pytest.mark.parametrize("criterion", CRITERIA_OPTIONS)
+def test_fsdp_criteria_with_stored_masks_equal_one_process(world, criterion):
+    """Section 8 under FSDP2: every criterion with refresh_every=2 (a selection, a reuse, a selection)
+    gives the unsharded run's parameters, stats and stored masks; the random score of a shard is
+    the whole parameter's (entry offsets), and the masks are DTensors sharded like the parameters."""
+    size, ranks = world
+    options = dict(criterion=criterion, refresh_every=2, seed=3)
+    run = result(world, ("fsdp-criterion", criterion))
+    expected_params, expected_stats = single_process(run["grads"], "exact", "global", "reference", **options)
+    assert run["masks_are_sharded"]
+    assert [s["global"]["refreshed"] for s in run["stats"]] == [True, False, True]
+    for step, stats in enumerate(run["stats"]):
+        assert stats["global"]["kept"] == expected_stats[step]["global"]["kept"]
+        assert stats["global"]["threshold"] == expected_stats[step]["global"]["threshold"]
+    assert_params_equal(run["params"], expected_params)
+    single = single_process.last
+    named = dict(zip([n for n, _ in make_model().named_parameters()], single.param_groups[0]["params"]))
+    for name, mask in run["masks"].items():
+        assert torch.equal(mask, single.state[named[name]]["gmt_mask"]), name
+    for r in range(1, size):  # every rank reports the same
+        assert result(world, ("fsdp-criterion", criterion), r)["stats"] == run["stats"]

@@ -106,9 +106,9 @@ def test_sampled_first_pass_and_small_chunks(backend, method, monkeypatch):
     def spying_resolve(name, device, dtype):
         inner = real_resolve(name, device, dtype)
 
-        def radix_histogram(grads, scope_of, state, hist, *, key_format):
+        def radix_histogram(grads, scope_of, state, hist, **kwargs):
             seen.extend(g.numel() for g in grads)
-            inner.radix_histogram(grads, scope_of, state, hist, key_format=key_format)
+            inner.radix_histogram(grads, scope_of, state, hist, **kwargs)
 
         return Backend(inner.name, inner.unavailable_reason, radix_histogram, inner.masked_adamw)
 

@@ -260,7 +260,7 @@ def test_params_without_grad_are_skipped_and_not_scored(backend):
     opt.step()
     assert torch.equal(b.detach(), b_before) and len(opt.state[b]) == 0
     assert opt.mask_stats()["global"] == {
-        "threshold": kth_largest([a.grad], 50), "kept": 50, "numel": 100}
+        "threshold": kth_largest([a.grad], 50), "kept": 50, "numel": 100, "refreshed": True}
 
 
 def test_unmasked_group_is_plain_adamw_and_not_counted(backend):
@@ -591,8 +591,14 @@ HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, tor
 @pytest.mark.parametrize("threshold", ["exact", "approx"])
 def test_step_never_reads_device_values_on_the_host(backend, nonfinite, threshold):
     """Section 2: no device-host synchronisation inside step(): no tensor value reaches Python."""
+    assert_step_reads_nothing(backend, nonfinite=nonfinite, threshold=threshold)
+
+
+def assert_step_reads_nothing(backend, steps=1, **options):
+    """GMTAdamW(**options) steps (after a first step that creates the state) without any tensor
+    value reaching Python (test_criteria.py runs it with every criterion and schedule)."""
     params = make_params([(300,), (17, 5), ()])
-    opt = GMTAdamW(params, mask_ratio=0.3, nonfinite=nonfinite, threshold=threshold, backend=backend)
+    opt = GMTAdamW(params, mask_ratio=0.3, backend=backend, **options)
     set_grads(params, random_grads(params))
     opt.step()  # first step creates the state
     reads = []
@@ -603,9 +609,10 @@ def test_step_never_reads_device_values_on_the_host(backend, nonfinite, threshol
                 reads.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
-    set_grads(params, random_grads(params))
-    with Watch():
-        opt.step(grad_scale=torch.tensor(1.0), found_inf=torch.tensor(0.0))
+    for _ in range(steps):
+        set_grads(params, random_grads(params))
+        with Watch():
+            opt.step(grad_scale=torch.tensor(1.0), found_inf=torch.tensor(0.0))
     assert reads == []
 
 

@@ -17,6 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from calls import flat_masked_adamw
 from gmt_kernels import radix  # noqa: E402
 from gmt_kernels.backends import reference, resolve  # noqa: E402
 from gmt_kernels.threshold import Scope, select_thresholds  # noqa: E402
@@ -280,8 +281,8 @@ def test_masked_adamw_matches_reference(dtype, amsgrad, mask_mode):
     hyper = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False,
                  mask_mode=mask_mode, grad_scale=None, skip=None)
     ours, theirs = adamw_inputs(dtype, ADAMW_SHAPES, amsgrad), adamw_inputs(dtype, ADAMW_SHAPES, amsgrad)
-    tb.masked_adamw(*ours, **hyper)
-    reference.masked_adamw(*theirs, **hyper)
+    flat_masked_adamw(tb.masked_adamw, *ours, **hyper)
+    flat_masked_adamw(reference.masked_adamw, *theirs, **hyper)
     assert_same_update(ours, theirs, dtype)
     # An independent count: entries with |g| >= threshold, NaN included.
     for i, g in enumerate(ours[1]):
@@ -311,8 +312,8 @@ def test_masked_adamw_options(variant):
     ours = adamw_inputs(dtype, ADAMW_SHAPES, True, thresholds=thresholds)
     theirs = adamw_inputs(dtype, ADAMW_SHAPES, True, thresholds=thresholds)
     before = [t.clone() for t in ours[0]]
-    tb.masked_adamw(*ours, **hyper)
-    reference.masked_adamw(*theirs, **hyper)
+    flat_masked_adamw(tb.masked_adamw, *ours, **hyper)
+    flat_masked_adamw(reference.masked_adamw, *theirs, **hyper)
     assert_same_update(ours, theirs, dtype)
     if variant == "skip":
         assert all(torch.equal(a, b) for a, b in zip(ours[0], before)) and ours[7].sum() == 0
@@ -326,8 +327,8 @@ def test_masked_adamw_one_launch_many_tensors_and_odd_layouts(monkeypatch):
                  mask_mode="freeze", grad_scale=None, skip=None)
     shapes = [(n,) for n in range(1, 41)]
     ours, theirs = adamw_inputs(torch.float32, shapes, False), adamw_inputs(torch.float32, shapes, False)
-    tb.masked_adamw(*ours, **hyper)
-    reference.masked_adamw(*theirs, **hyper)
+    flat_masked_adamw(tb.masked_adamw, *ours, **hyper)
+    flat_masked_adamw(reference.masked_adamw, *theirs, **hyper)
     assert_same_update(ours, theirs, torch.float32)
     assert launches == [(40,)]
 
@@ -343,8 +344,8 @@ def test_masked_adamw_one_launch_many_tensors_and_odd_layouts(monkeypatch):
         return inputs, flat
 
     (ours, flat_ours), (theirs, flat_theirs) = odd_layouts(1), odd_layouts(1)
-    tb.masked_adamw(*ours, **hyper)
-    reference.masked_adamw(*theirs, **hyper)
+    flat_masked_adamw(tb.masked_adamw, *ours, **hyper)
+    flat_masked_adamw(reference.masked_adamw, *theirs, **hyper)
     assert_same_update(ours, theirs, torch.float32)
     assert torch.equal(flat_ours, flat_theirs)  # nothing written outside the view
     assert len(launches) == 2
@@ -369,7 +370,7 @@ def test_masked_adamw_offsets_beyond_2_31():
         PARAM=tl.float32, COMPUTE=tl.float32, AMSGRAD=False, ALIGNED=False, BLOCK=block, ITERS=iters,
         FREEZE=False, HAS_GRAD_SCALE=False)
     ref_kept = torch.zeros(1, dtype=torch.int64)
-    reference.masked_adamw([expected[0]], [expected[1]], [expected[2]], [expected[3]], [], [step], thresholds,
+    flat_masked_adamw(reference.masked_adamw, [expected[0]], [expected[1]], [expected[2]], [expected[3]], [], [step], thresholds,
                            ref_kept, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False,
                            maximize=False, mask_mode="grad", grad_scale=None, skip=None)
     for a, b in zip(tensors, expected):

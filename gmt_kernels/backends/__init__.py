@@ -3,28 +3,40 @@
 A backend is two functions with fixed signatures (the way torch.optim.adamw dispatches to
 _single_tensor_adamw / _multi_tensor_adamw / _fused_adamw):
 
-radix_histogram(grads, scope_of, state, hist, *, key_format) -> None
+radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=options.GRAD) -> None
     grads: tensors on one device (any float dtypes). scope_of: list[int], the scope row of each.
     state: int64 [S, radix.STATE_COLUMNS], hist: int64 [S, radix.HIST_COLUMNS], on that device.
+    key_format: radix.KeyFormat (radix.key_format_for(dtypes, criterion)). scoring:
+    options.Scoring, how entries are scored (SEMANTICS.md section 8; weights: theta per gradient
+    for "grad_over_weight"; random_keys and entry_offsets per gradient for "random").
     With (LO, LAST, SHIFT, SAMPLE, DONE) = state[s, :5], for every entry of grads[i] with scope
     s = scope_of[i], DONE == 0, whose block is sampled (radix.sampled_blocks(j // SAMPLE_BLOCK, i,
-    SAMPLE), j = the entry's index in memory order, `memory_order_view`), and key = radix.score_keys:
+    SAMPLE), j = the entry's index in memory order, `memory_order_view`; row-major order for
+    "random", and for "grad_over_weight" when grad and theta are laid out differently), and
+    key = radix.score_keys (the one definition of every criterion's score and key):
         hist[s, (key - LO) >> SHIFT] += 1     if LO <= key <= LAST
         hist[s, radix.ABOVE] += 1             if key > LAST
-        hist[s, radix.NONFINITE] += 1         if key >= key_format.inf_key
+        hist[s, radix.NONFINITE] += 1         if key >= key_format.inf_key   (never for "u32")
     It must not copy the gradients (extra memory O(bins)) nor synchronise with the host.
 
-masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
-             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip)
+masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask)
     -> None
     One param group's tensors on one device with one dtype. steps: 0-d float32 tensors, already
-    incremented for this step. thresholds: [n] tensor (float32, or float64 for float64 scopes):
-    entry j of tensor i is kept iff |grads[i][j]| >= thresholds[i] or it is NaN (the comparison
-    is on the raw gradient: with grad_scale a power of two, as GradScaler's always is, this is
-    the same as scoring g / grad_scale). kept: int64 [n], += number of kept entries (0 if skip).
-    grad_scale: 0-d tensor or None (g is divided by it). skip: 0-d bool tensor or None: when
-    true, nothing at all changes. The update is SEMANTICS.md section 3 with math in float32
-    (float64 for float64 params). lr: float or 0-d tensor.
+    incremented for this step. kept: int64 [n], += number of kept entries (0 if options.skip).
+    options: options.AdamWOptions: lr (float or 0-d tensor), beta1, beta2, eps, weight_decay,
+    amsgrad, maximize, mask_mode, grad_scale (0-d tensor or None: g is divided by it), skip (0-d
+    bool tensor or None: when true, nothing at all changes, stored masks included). The update is
+    SEMANTICS.md section 3 with math in float32 (float64 for float64 params).
+    mask: options.MaskSource. thresholds: [n] tensor (float32; float64 for the f64 and u32 key
+    formats): entry j of tensor i is kept iff its score (radix.entry_scores with mask.scoring, theta
+    = params[i] before the update) is >= thresholds[i] or is NaN. For "grad" the comparison is on
+    the raw gradient: with grad_scale a power of two, as GradScaler's always is, this is the same
+    as scoring g / grad_scale. masks: () or one stored mask per tensor (uint8, layout in
+    gmt_kernels/masks.py). refresh (0-d bool or None): None or true keeps by the score rule and
+    writes every entry's keep bit into the masks (if given, and not skip); false keeps the entries
+    whose stored bit is set (the scores need not be computed). update_params=False
+    (select_mask): only masks and kept change.
+    Tensors for "random" and stored masks are contiguous (entries are indexed row-major).
 
 Backends register themselves with `register`; `resolve` picks one per (device, dtype).
 """
@@ -37,6 +49,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from .. import options  # noqa: F401  (the records of the interface above)
 
 BACKEND_NAMES = ("auto", "reference", "triton", "cpu")
 

@@ -18,7 +18,8 @@ from typing import Iterator
 
 import torch
 
-from .. import ops
+from .. import ops  # noqa: F401  (the schemas, before the extension registers kernels for them)
+from ..options import GRAD
 from . import Backend, register
 
 try:
@@ -89,20 +90,30 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype):
     return None
 
 
-def radix_histogram(grads, scope_of, state, hist, *, key_format):
-    _OPS.radix_histogram(list(grads), list(scope_of), state, hist, key_format.name)
+def _require_grad_criterion(scoring, masks=(), update_params=True, refresh=None) -> None:
+    """The C++ kernels score |g| only so far (SEMANTICS.md section 8 is on its way): refuse the rest."""
+    if scoring.criterion != "grad":
+        raise RuntimeError(
+            f"backend 'cpu' does not support criterion {scoring.criterion!r} yet; use backend='reference' "
+            "for it, or criterion='grad'."
+        )
+    if masks or refresh is not None or not update_params:
+        raise RuntimeError(
+            "backend 'cpu' does not support stored masks (refresh_every != 1, select_mask) yet; use "
+            "backend='reference' for them, or refresh_every=1."
+        )
 
 
-def masked_adamw(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
-    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip,
-):
+def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD):
+    _require_grad_criterion(scoring)
+    _OPS.radix_histogram(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
+
+
+def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask):
+    _require_grad_criterion(mask.scoring, mask.masks, mask.update_params, mask.refresh)
     _OPS.masked_adamw(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
-        thresholds, kept, **ops.split_lr(lr),
-        beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
-        amsgrad=bool(amsgrad), maximize=bool(maximize), mask_mode=mask_mode,
-        grad_scale=grad_scale, skip=skip,
+        mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args(),
     )
 
 

@@ -34,6 +34,7 @@ if "mask" not in inspect.signature(tl.histogram).parameters:
     )
 
 from ... import ops  # noqa: E402
+from ...options import GRAD, AdamWOptions, MaskSource  # noqa: E402
 from ...radix import KEY_FORMATS_BY_NAME  # noqa: E402
 from .. import Backend, register  # noqa: E402
 from .. import reference  # noqa: E402
@@ -87,37 +88,55 @@ def _ops_for(device: torch.device) -> tuple:
     return torch.ops.gmt_kernels.radix_histogram, torch.ops.gmt_kernels.masked_adamw
 
 
-def radix_histogram(grads, scope_of, state, hist, *, key_format) -> None:
+def _require_grad_criterion(criterion: str, masks=(), update_params=True, refresh=None) -> None:
+    """The Triton kernels score |g| only so far (SEMANTICS.md section 8 is on its way): refuse the rest."""
+    if criterion != "grad":
+        raise RuntimeError(
+            f"backend 'triton' does not support criterion {criterion!r} yet; use backend='reference' for it, "
+            "or criterion='grad'."
+        )
+    if masks or refresh is not None or not update_params:
+        raise RuntimeError(
+            "backend 'triton' does not support stored masks (refresh_every != 1, select_mask) yet; use "
+            "backend='reference' for them, or refresh_every=1."
+        )
+
+
+def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD) -> None:
+    _require_grad_criterion(scoring.criterion)
     histogram_op, _ = _ops_for(hist.device)
-    histogram_op(list(grads), list(scope_of), state, hist, key_format.name)
+    histogram_op(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
 
 
-def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
-                 lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode, grad_scale, skip) -> None:
+def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask) -> None:
+    _require_grad_criterion(mask.scoring.criterion, mask.masks, mask.update_params, mask.refresh)
     _, adamw_op = _ops_for(kept.device)
     adamw_op(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
-        thresholds, kept, **ops.split_lr(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-        weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
-        mask_mode=mask_mode, grad_scale=grad_scale, skip=skip,
+        mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args(),
     )
 
 
 # ---- the operator kernels ------------------------------------------------------------------------
 
-def _histogram_kernel(grads, scope_of, state, hist, key_format) -> None:
+def _histogram_kernel(grads, scope_of, state, hist, key_format, *, criterion, score_eps, weights, random_keys,
+                      entry_offsets) -> None:
+    _require_grad_criterion(criterion)
     fmt = KEY_FORMATS_BY_NAME.get(key_format)
-    if fmt is None:
+    if fmt is None or fmt.integer:
         raise ValueError(
             f"radix_histogram: unknown key_format {key_format!r}; expected one of "
-            f"{', '.join(map(repr, KEY_FORMATS_BY_NAME))} (radix.key_format_for picks one)."
+            f"{', '.join(repr(f.name) for f in KEY_FORMATS_BY_NAME.values() if not f.integer)} "
+            "(radix.key_format_for picks one)."
         )
     launch_histogram(grads, scope_of, state, hist, key_format=fmt)
 
 
-def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, *,
+def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, masks, *,
                          lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, mask_mode,
-                         grad_scale, skip) -> None:
+                         grad_scale, skip, criterion, score_eps, random_keys, entry_offsets, refresh,
+                         update_params) -> None:
+    _require_grad_criterion(criterion, masks, update_params, refresh)
     _launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
                          lr=ops.joined_lr(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask_mode=mask_mode,
@@ -135,7 +154,8 @@ def _launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         # device and without a host sync. Normal training never takes this path.
         reference.masked_adamw(
             [params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]],
-            [max_exp_avg_sqs[i]] if amsgrad else [], [steps[i]], thresholds[i : i + 1], kept[i : i + 1], **hyper)
+            [max_exp_avg_sqs[i]] if amsgrad else [], [steps[i]], kept[i : i + 1],
+            options=AdamWOptions(**hyper), mask=MaskSource(thresholds[i : i + 1]))
 
     launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept,
                         fallback=one_tensor_by_reference, **hyper)
