@@ -306,9 +306,8 @@ def test_random_mask_arms_fixed_and_redrawn(tiny):
 @pytest.mark.parametrize("name, criterion", [("GaLLoP r=0.3 skip-emb", "grad_over_weight"),
                                              ("SAFT top-|g| r=0.3 skip-emb", "grad")])
 def test_fixed_mask_arms_select_from_calibration_gradients(tiny, name, criterion):
-    """The entries GaLLoP / SAFT never update are exactly the non-embedding entries whose score on
-    the calibration pass's mean gradient is below the k-th largest (k = N - floor(0.3 N)), scored
-    here independently with kthvalue."""
+    """The entries GaLLoP / SAFT never update are the non-embedding entries with the lowest 30 % of
+    scores on the calibration pass's mean gradient, scored here independently."""
     from examples.finetune import arms as arms_mod
     from examples.finetune.train import dropout_seed, forward_backward
 
@@ -330,7 +329,10 @@ def test_fixed_mask_arms_select_from_calibration_gradients(tiny, name, criterion
     g = torch.cat([p.grad.flatten() for p in rest]).abs()
     w = torch.cat([p.detach().flatten() for p in rest]).abs()
     score = g / (w + 1e-8) if criterion == "grad_over_weight" else g
-    k = score.numel() - int(0.3 * score.numel())
-    threshold = score.kthvalue(score.numel() - k + 1).values
-    expected_frozen = score < threshold
-    assert torch.equal(_unchanged(m, model.state_dict(), embedding_split(m)[1]), expected_frozen)
+    frozen = _unchanged(m, model.state_dict(), embedding_split(m)[1])
+    # threshold="approx" (the default, as every GMT arm): the frozen entries are those below some
+    # threshold (every frozen score under every updated one) and their count is floor(0.3 N) within
+    # the 0.05 % of N in rank that "approx" allows
+    assert frozen.any() and (~frozen).any()
+    assert score[frozen].max() < score[~frozen].min()
+    assert abs(int(frozen.sum()) - int(0.3 * score.numel())) <= 0.0005 * score.numel() + 1
