@@ -17,12 +17,16 @@ of the entries exact zeros (whole rows, as embedding gradients), the others of m
 log-uniformly over six decades (1e-7 .. 1e-1) with random signs.
 
 --breakdown times each part of a step (histogram passes, select steps, update) at each level
-(fp32 randn); --rss measures the peak-RSS growth of GMT steps in a fresh subprocess.
+(fp32 randn); --rss measures the peak-RSS growth of GMT steps in a fresh subprocess; --criteria
+times a step that reuses a stored mask (SEMANTICS.md section 8) against fused AdamW, and each
+histogram pass kind scored by grad, grad_over_weight and random (fp32 randn; --grads "" skips the
+other tables).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import statistics
@@ -184,6 +188,132 @@ def breakdown(grads, mask_ratio, steps, exact, levels):
     return interleaved(parts, steps)
 
 
+def criteria(grads, mask_ratio, steps, levels):
+    """SEMANTICS.md section 8 on the C++ backend (fp32): a step that reuses a stored mask against
+    torch.optim.AdamW(fused=True) (target <= 1.05 x), through the backend's masked_adamw with
+    refresh=false, and each histogram pass kind scored by grad, grad_over_weight and random."""
+    from gmt_kernels import scores
+    from gmt_kernels.options import AdamWOptions, MaskSource, Scoring
+
+    backend = resolve("cpu", torch.device("cpu"), grads[0].dtype)
+    n = len(grads)
+    grads = [g.view(1024, -1) if g.numel() % 1024 == 0 else g for g in grads]  # 2-D: masks of 1 bit an entry
+    params = [torch.nn.Parameter(torch.randn_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    fused.step()
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    steps_t = [torch.tensor(1.0) for _ in params]
+    kept = torch.zeros(n, dtype=torch.int64)
+    masks = [torch.zeros(p.shape[0], -(-p[0].numel() // 8), dtype=torch.uint8) for p in params]
+    options = AdamWOptions(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+    keys = torch.tensor([scores.random_key(0, 0, 0, i) for i in range(n)], dtype=torch.int64)
+    offsets = torch.zeros(n, dtype=torch.int64)
+    random = Scoring("random", random_keys=keys, entry_offsets=offsets)
+    over_weight = Scoring("grad_over_weight", weights=[p.detach() for p in params])
+    u_threshold = torch.full((n,), float(int(mask_ratio * 2**32)), dtype=torch.float64)
+
+    def update(mask):
+        backend.masked_adamw([p.detach() for p in params], grads, [m for m, _ in moments], [v for _, v in moments], [],
+                             steps_t, kept, options=options, mask=mask)
+
+    # Masks written once (a random selection), then read by every reuse step.
+    update(MaskSource(u_threshold, random, masks, torch.tensor(True)))
+    reuse = MaskSource(u_threshold, random, masks, torch.tensor(False))
+    bare = MaskSource(torch.zeros(n))
+    contenders = {"fused": fused.step}
+    for level in levels:
+        contenders[(level, "reuse")] = at_level(level, lambda: update(reuse))
+        contenders[(level, "bare")] = at_level(level, lambda: update(bare))
+    medians = interleaved(contenders, steps)
+    base = medians["fused"]
+    print(f"\nstored mask reuse (masked_adamw, refresh=false), float32: torch.optim.AdamW(fused=True) {base * 1e3:.1f} ms\n")
+    print("| level | reuse step / fused | bare update (grad, threshold 0) / fused |\n|---|---:|---:|")
+    for level in levels:
+        r, b = medians[(level, "reuse")], medians[(level, "bare")]
+        print(f"| {level} | {r / base:.2f} ({r * 1e3:.1f} ms) {'ok' if r / base <= TARGETS['bare'] else 'MISS'} "
+              f"| {b / base:.2f} ({b * 1e3:.1f} ms) |")
+
+    if "refresh_every" in inspect.signature(GMTAdamW).parameters:
+        optimizer_rows(params, mask_ratio, steps, levels)
+
+    # Histogram passes as a selection sees them: a sample of 1/32 of the blocks, a first full pass
+    # over every key, and a full pass over a narrow interval (most keys only counted ABOVE).
+    hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
+    f32, u32 = radix.KEY_FORMATS[torch.float32], radix.KEY_FORMATS_BY_NAME.get("u32")
+    if u32 is None:
+        import types
+        u32 = types.SimpleNamespace(name="u32", key_bits=32)
+
+    def state(fmt, kind):
+        row = torch.zeros(1, radix.STATE_COLUMNS, dtype=torch.int64)
+        top = (1 << fmt.key_bits) - 1
+        if kind == "interval":  # 2^16 keys in the middle of the range
+            row[0, radix.LO] = top // 2
+            row[0, radix.LAST] = top // 2 + (1 << 16) - 1
+            row[0, radix.SHIFT] = 4
+        else:
+            row[0, radix.LAST] = top
+            row[0, radix.SHIFT] = fmt.key_bits - radix.RADIX_BITS
+            row[0, radix.SAMPLE] = 5 if kind == "sample" else 0
+        return row
+
+    scorings = {"grad": (f32, None), "grad_over_weight": (f32, over_weight), "random": (u32, random)}
+    passes = {}
+    for level in levels:
+        for kind in ("sample", "whole", "interval"):
+            for name, (fmt, scoring) in scorings.items():
+                st = state(fmt, kind)
+                extra = {} if scoring is None else {"scoring": scoring}
+
+                def one(st=st, fmt=fmt, extra=extra):
+                    hist.zero_()
+                    backend.radix_histogram(grads, [0] * n, st, hist, key_format=fmt, **extra)
+
+                passes[(level, kind, name)] = at_level(level, one)
+    medians = interleaved(passes, steps)
+    print("\n| level | histogram pass | grad | grad_over_weight (/ grad) | random (/ grad) |\n|---|---|---:|---:|---:|")
+    for level in levels:
+        for kind in ("sample", "whole", "interval"):
+            g = medians[(level, kind, "grad")]
+            cells = [f"{g * 1e3:.1f} ms"] + [
+                f"{medians[(level, kind, c)] * 1e3:.1f} ms ({medians[(level, kind, c)] / g:.2f}x)"
+                for c in ("grad_over_weight", "random")]
+            print(f"| {level} | {kind} | " + " | ".join(cells) + " |")
+
+
+def optimizer_rows(params, mask_ratio, steps, levels):
+    """GMTAdamW steps with stored masks and each criterion against fused AdamW (nonfinite="propagate",
+    as fused AdamW checks nothing; the default "skip" adds one read of g for the NaN / inf count):
+    refresh_every=None (every measured step reuses the mask), refresh_every=10 (ten steps a call,
+    one of them selecting), and a selection at every step (refresh_every=1) per criterion."""
+    fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    contenders = {"fused": fused.step, "fused x10": lambda: [fused.step() for _ in range(10)]}
+    common = dict(lr=1e-3, mask_ratio=mask_ratio, nonfinite="propagate", backend="cpu")
+    opts = {"reuse (refresh_every=None)": GMTAdamW(params, refresh_every=None, **common),
+            "refresh_every=10 (x10 steps)": GMTAdamW(params, refresh_every=10, **common)}
+    for criterion in ("grad", "grad_over_weight", "random"):
+        opts[f"{criterion}, refresh_every=1"] = GMTAdamW(params, criterion=criterion, **common)
+    for level in levels:
+        for name, opt in opts.items():
+            opt.step()  # the first step selects
+            many = name.endswith("(x10 steps)")
+            contenders[(level, name)] = at_level(level, (lambda o=opt: [o.step() for _ in range(10)]) if many else opt.step)
+    medians = interleaved(contenders, steps)
+    print(f"\nGMTAdamW (cpu, scope global, mask_ratio {mask_ratio}, nonfinite='propagate') / fused AdamW "
+          f"({medians['fused'] * 1e3:.1f} ms a step)\n")
+    print("| level | " + " | ".join(opts) + " |\n|---|" + "---:|" * len(opts))
+    for level in levels:
+        cells = []
+        for name in opts:
+            base = medians["fused x10"] if name.endswith("(x10 steps)") else medians["fused"]
+            ratio = medians[(level, name)] / base
+            target = " ok" if ratio <= TARGETS["bare"] else " MISS"
+            cells.append(f"{ratio:.2f}{target if name.startswith('reuse') else ''}")
+        print(f"| {level} | " + " | ".join(cells) + " |")
+
+
 def peak_rss_growth(log2_numel, tensors, threshold):
     """Bytes by which the process high-water mark grows over 5 GMT steps once the state exists."""
     code = f"""
@@ -217,6 +347,8 @@ def main():
                         help="torch threads (1 gives steadier ratios on a shared machine)")
     parser.add_argument("--breakdown", action="store_true", help="time each part of a step (fp32 randn)")
     parser.add_argument("--rss", action="store_true", help="peak-RSS growth of GMT steps (subprocess)")
+    parser.add_argument("--criteria", action="store_true",
+                        help="stored-mask reuse step and the histogram passes of each criterion (fp32 randn)")
     args = parser.parse_args()
     levels = args.levels.split(",")
     torch.set_num_threads(args.threads)
@@ -238,7 +370,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     sets = {"randn": [1 << args.log2_numel] * args.tensors,
             "realistic": realistic_sizes(total, args.realistic_tensors, gen)}
-    for grad_set in args.grads.split(","):
+    for grad_set in filter(None, args.grads.split(",")):
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             sizes = sets[grad_set]
@@ -255,6 +387,10 @@ def main():
             print(f"\n| part of a GMT step ({'exact' if exact else 'approx'}, float32 randn) | ms |\n|---|---:|")
             for name, t in breakdown(grads, args.mask_ratio, args.steps, exact, levels).items():
                 print(f"| {name} | {t * 1e3:.2f} |")
+
+    if args.criteria:
+        grads = randn_grads(sets["randn"], torch.float32, torch.Generator().manual_seed(1))
+        criteria(grads, args.mask_ratio, args.steps, levels)
 
     if args.rss:
         print("\n| peak RSS growth over 5 steps after the state exists | MiB |\n|---|---:|")

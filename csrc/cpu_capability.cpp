@@ -80,6 +80,11 @@ const char* kernel_name(Kernel kernel) {
     case Kernel::kHistogramInterval: return "histogram_interval";
     case Kernel::kHistogramSample: return "histogram_sample";
     case Kernel::kHistogramF64: return "histogram_f64_keys";
+    case Kernel::kHistogramGradOverWeight: return "histogram_grad_over_weight";
+    case Kernel::kHistogramRandom: return "histogram_random";
+    case Kernel::kMaskedAdamwGradOverWeight: return "masked_adamw_grad_over_weight";
+    case Kernel::kMaskedAdamwRandom: return "masked_adamw_random";
+    case Kernel::kMaskedAdamwStoredMask: return "masked_adamw_stored_mask";
     case Kernel::kCount: break;
   }
   return "?";

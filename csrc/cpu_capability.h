@@ -16,13 +16,21 @@ namespace cpu {
 enum class Level : int { kDefault = 0, kNeon = 1, kAvx2 = 2, kAvx512 = 3 };
 
 // Each kernel that has per-ISA variants. kHistogramF64 is the histogram over 64-bit keys (float64
-// gradients, or dtypes that meet in the f64 key format): it has the portable variant only.
+// gradients, or dtypes that meet in the f64 key format, any criterion): it has the portable variant
+// only. The criteria of SEMANTICS.md section 8 are variants of their own: the histogram scoring
+// grad_over_weight (f32 keys) or random (u32 keys, every pass kind), and the update scoring them or
+// reading a stored mask.
 enum class Kernel : int {
   kMaskedAdamw,
   kHistogramWhole,
   kHistogramInterval,
   kHistogramSample,
   kHistogramF64,
+  kHistogramGradOverWeight,
+  kHistogramRandom,
+  kMaskedAdamwGradOverWeight,
+  kMaskedAdamwRandom,
+  kMaskedAdamwStoredMask,
   kCount
 };
 

@@ -18,14 +18,19 @@ enum StateColumn : int64_t { LO, LAST, SHIFT, SAMPLE, DONE, K, NUMEL, SLACK, KNO
 constexpr int64_t kSampleBlock = 64;
 constexpr double kSampleSigmas = 4.0, kSampleDesignEffect = double(kSampleBlock);
 
+// mantissa_bits == 0: integer keys (u32, the random score), none of them non-finite: inf_key is
+// above every key.
 struct KeyFormat {
   const char* name;
   int key_bits;
   int mantissa_bits;
   uint64_t key_max() const { return (uint64_t(1) << key_bits) - 1; }
-  uint64_t inf_key() const { return ((uint64_t(1) << (key_bits - mantissa_bits)) - 1) << mantissa_bits; }
+  uint64_t inf_key() const {
+    if (mantissa_bits == 0) return key_max() + 1;
+    return ((uint64_t(1) << (key_bits - mantissa_bits)) - 1) << mantissa_bits;
+  }
 };
-constexpr KeyFormat kFormats[] = {{"f16", 15, 10}, {"bf16", 15, 7}, {"f32", 31, 23}, {"f64", 63, 52}};
+constexpr KeyFormat kFormats[] = {{"f16", 15, 10}, {"bf16", 15, 7}, {"f32", 31, 23}, {"f64", 63, 52}, {"u32", 32, 0}};
 
 inline const KeyFormat* find_format(const std::string& name) {
   for (const auto& f : kFormats) {

@@ -15,13 +15,20 @@
 // - sample (a first pass over the hashed blocks of radix.sampled_blocks): the whole-range code
 //   on each picked block of 64 entries, the picks of the group after next prefetched.
 // The portable level is the same algorithm one key at a time.
+//
+// Keys come from the criterion's score (SEMANTICS.md section 8), computed here as the update
+// computes it: "grad" |g|; "grad_over_weight" |g| / (|theta| + eps) (f32 keys in vector code, f64
+// keys portable); "random" the 32-bit hash of scores.py (u32 keys: nothing is read but the entry
+// index, and no key is non-finite).
 #include "ops.h"
 #include "radix.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <array>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_capability.h"
 #include "simd.h"
@@ -40,6 +47,68 @@ inline To bit_cast(From from) {
   std::memcpy(&to, &from, sizeof(To));
   return to;
 }
+
+// What one span of one tensor is scored from: the gradient (and theta) from the span's first
+// entry, or the random score's inputs for it (t of its 2**32-entry run, its entry index mod 2**32;
+// a span never crosses a multiple of 2**32, count_piece splits it there).
+struct KeySrc {
+  const char* g = nullptr;
+  const char* w = nullptr;  // theta (grad_over_weight)
+  int64_t elem = 0;         // element size of g and theta
+  float eps32 = 0;
+  double eps64 = 0;
+  uint32_t t = 0, low = 0;
+  KeySrc at(int64_t a) const {
+    KeySrc s = *this;
+    if (g) s.g = g + a * elem;
+    if (w) s.w = w + a * elem;
+    s.low = low + uint32_t(a);
+    return s;
+  }
+};
+
+// The score keys of grad_over_weight and random for the portable code: s in float32 (f32 format,
+// g and theta widened to float32 first) or float64 (f64 format), one IEEE add and one division;
+// the key is s's bits with the sign cleared, and every NaN has key key_max (radix.entry_scores:
+// one key whatever NaN payload the hardware propagates).
+template <class P>
+GMT_INLINE float widen32(const char* x, int64_t j) {
+  return simd::Scalar<float>::load(reinterpret_cast<const P*>(x) + j);
+}
+template <class P>
+GMT_INLINE double widen64(const char* x, int64_t j) {
+  if constexpr (std::is_same_v<P, double>) {
+    return reinterpret_cast<const double*>(x)[j];
+  } else {
+    return double(widen32<P>(x, j));
+  }
+}
+template <class P>
+struct OverWeightKeys32 {
+  KeySrc s;
+  uint32_t operator()(int64_t j) const {
+    const float v = std::abs(widen32<P>(s.g, j)) / (std::abs(widen32<P>(s.w, j)) + s.eps32);
+    return v != v ? 0x7fffffffu : bit_cast<uint32_t>(v) & 0x7fffffffu;
+  }
+};
+template <class P>
+struct OverWeightKeys64 {
+  KeySrc s;
+  uint64_t operator()(int64_t j) const {
+    const double v = std::abs(widen64<P>(s.g, j)) / (std::abs(widen64<P>(s.w, j)) + s.eps64);
+    return v != v ? 0x7fffffffffffffffull : bit_cast<uint64_t>(v) & 0x7fffffffffffffffull;
+  }
+};
+struct RandomKeys {  // 64-bit keys in the portable code, so inf_key (2**32) is above every one
+  KeySrc s;
+  uint64_t operator()(int64_t j) const { return simd::random_u(s.t, s.low + uint32_t(j)); }
+};
+template <class Bits, class KeyFn>
+struct GradKeys {  // |g| read from the gradient's own bits
+  const Bits* x;
+  KeyFn key;
+  auto operator()(int64_t j) const { return key(x[j]); }
+};
 
 // Keys of |g| exactly as radix.score_keys defines them: clear the sign bit in the gradient's own
 // type, widen to the format's float type (exact), read the bits as an integer.
@@ -112,16 +181,16 @@ class LocalCounts {
 };
 
 // The first pass of a scope: every key has a bin, key >> shift.
-template <class Bits, class KeyFn>
-__attribute__((always_inline)) inline void count_whole(const Bits* x, int64_t n, KeyFn key, const Interval& iv,
+template <class KeyAt>
+__attribute__((always_inline)) inline void count_whole(int64_t n, const KeyAt& key_at, const Interval& iv,
                                                        LocalCounts& local) {
-  using Key = decltype(key(Bits{}));
+  using Key = decltype(key_at(int64_t(0)));
   uint32_t *h0 = local.copy(0), *h1 = local.copy(1);
   const int shift = iv.shift;
   const Key inf = Key(iv.inf_key);
   int64_t nonfinite = 0, i = 0;
   for (; i + 4 <= n; i += 4) {
-    const Key k0 = key(x[i]), k1 = key(x[i + 1]), k2 = key(x[i + 2]), k3 = key(x[i + 3]);
+    const Key k0 = key_at(i), k1 = key_at(i + 1), k2 = key_at(i + 2), k3 = key_at(i + 3);
     ++h0[k0 >> shift];
     ++h1[k1 >> shift];
     ++h0[k2 >> shift];
@@ -129,7 +198,7 @@ __attribute__((always_inline)) inline void count_whole(const Bits* x, int64_t n,
     nonfinite += int(k0 >= inf) + int(k1 >= inf) + int(k2 >= inf) + int(k3 >= inf);
   }
   for (; i < n; ++i) {
-    const Key k = key(x[i]);
+    const Key k = key_at(i);
     ++h0[k >> shift];
     nonfinite += k >= inf;
   }
@@ -140,10 +209,10 @@ __attribute__((always_inline)) inline void count_whole(const Bits* x, int64_t n,
 // in the interval appends their digits to a buffer without a branch per key (store every digit,
 // advance by whether it was inside), and the buffer is counted when full. Counting every key into
 // a "no match" bin instead would chain all the misses on one counter.
-template <class Bits, class KeyFn>
-__attribute__((always_inline)) inline void count_interval(const Bits* x, int64_t n, KeyFn key, const Interval& iv,
+template <class KeyAt>
+__attribute__((always_inline)) inline void count_interval(int64_t n, const KeyAt& key_at, const Interval& iv,
                                                           LocalCounts& local) {
-  using Key = decltype(key(Bits{}));
+  using Key = decltype(key_at(int64_t(0)));
   constexpr int64_t kBlock = 64, kBuffer = 1024;
   uint32_t buffer[kBuffer + kBlock];
   int64_t fill = 0;
@@ -156,7 +225,7 @@ __attribute__((always_inline)) inline void count_interval(const Bits* x, int64_t
     const int64_t m = std::min(kBlock, n - i);
     uint32_t inside = 0, up = 0, bad = 0;
     for (int64_t j = i; j < i + m; ++j) {
-      const Key k = key(x[j]);
+      const Key k = key_at(j);
       inside += Key(k - lo) <= span;
       up += k > last;
       bad += k >= inf;
@@ -165,7 +234,7 @@ __attribute__((always_inline)) inline void count_interval(const Bits* x, int64_t
     nonfinite += bad;
     if (inside == 0) continue;
     for (int64_t j = i; j < i + m; ++j) {
-      const Key d = Key(key(x[j]) - lo);
+      const Key d = Key(key_at(j) - lo);
       buffer[fill] = uint32_t(d >> shift);
       fill += d <= span;
     }
@@ -179,11 +248,33 @@ __attribute__((always_inline)) inline void count_interval(const Bits* x, int64_t
   local.nonfinite += nonfinite;
 }
 
-// The 32-bit key formats that vector code loads W at a time, and their one-key functions.
-enum class Keys32 { kFloat, kSameWidth16, kBFloat16InF32, kHalfInF32, kNone };
+// The 32-bit keys that vector code makes W at a time, and their one-key functions: |g| (the first
+// four), grad_over_weight scores in f32 (by the tensors' dtype), the random score (u32).
+enum class Keys32 {
+  kFloat,
+  kSameWidth16,
+  kBFloat16InF32,
+  kHalfInF32,
+  kOverWeightFloat,
+  kOverWeightBFloat16,
+  kOverWeightHalf,
+  kRandom,
+  kNone
+};
 
-Keys32 keys32_kind(at::ScalarType dtype, const std::string& format) {
+// Keys not below 2**31 exist (u32): compares must be unsigned, and none is non-finite.
+constexpr bool unsigned_keys(Keys32 kind) { return kind == Keys32::kRandom; }
+
+Keys32 keys32_kind(at::ScalarType dtype, const std::string& format, Criterion criterion) {
   using at::ScalarType;
+  if (criterion == Criterion::kRandom) return format == "u32" ? Keys32::kRandom : Keys32::kNone;
+  if (criterion == Criterion::kGradOverWeight) {
+    if (format != "f32") return Keys32::kNone;
+    if (dtype == ScalarType::Float) return Keys32::kOverWeightFloat;
+    if (dtype == ScalarType::BFloat16) return Keys32::kOverWeightBFloat16;
+    if (dtype == ScalarType::Half) return Keys32::kOverWeightHalf;
+    return Keys32::kNone;
+  }
   if (format == "f32") {
     if (dtype == ScalarType::Float) return Keys32::kFloat;
     if (dtype == ScalarType::BFloat16) return Keys32::kBFloat16InF32;
@@ -195,23 +286,29 @@ Keys32 keys32_kind(at::ScalarType dtype, const std::string& format) {
   return Keys32::kNone;
 }
 
+// The one-key function of a 32-bit kind for the span that `s` starts.
+template <Keys32 KIND>
+inline auto keys_of(const KeySrc& s) {
+  if constexpr (KIND == Keys32::kFloat) return GradKeys<uint32_t, KeySameWidth32>{reinterpret_cast<const uint32_t*>(s.g), {}};
+  if constexpr (KIND == Keys32::kSameWidth16) return GradKeys<uint16_t, KeySameWidth16>{reinterpret_cast<const uint16_t*>(s.g), {}};
+  if constexpr (KIND == Keys32::kBFloat16InF32) return GradKeys<uint16_t, KeyBFloat16InF32>{reinterpret_cast<const uint16_t*>(s.g), {}};
+  if constexpr (KIND == Keys32::kHalfInF32) return GradKeys<uint16_t, KeyHalfInF32>{reinterpret_cast<const uint16_t*>(s.g), {}};
+  if constexpr (KIND == Keys32::kOverWeightFloat) return OverWeightKeys32<float>{s};
+  if constexpr (KIND == Keys32::kOverWeightBFloat16) return OverWeightKeys32<simd::BF16>{s};
+  if constexpr (KIND == Keys32::kOverWeightHalf) return OverWeightKeys32<simd::F16>{s};
+  if constexpr (KIND == Keys32::kRandom) return RandomKeys{s};
+}
+
 // The tail of a vector loop (fewer than W keys left) with the portable code for the same keys.
 template <Keys32 KIND>
-inline void count_tail(const void* data, int64_t i, int64_t n, const Interval& iv, LocalCounts& local) {
+inline void count_tail(const KeySrc& src, int64_t i, int64_t n, const Interval& iv, LocalCounts& local) {
   if (i >= n) return;
-  auto run = [&](auto bits_tag, auto key) {
-    using Bits = decltype(bits_tag);
-    const Bits* x = static_cast<const Bits*>(data) + i;
-    if (iv.whole) {
-      count_whole(x, n - i, key, iv, local);
-    } else {
-      count_interval(x, n - i, key, iv, local);
-    }
-  };
-  if constexpr (KIND == Keys32::kFloat) run(uint32_t{}, KeySameWidth32{});
-  if constexpr (KIND == Keys32::kSameWidth16) run(uint16_t{}, KeySameWidth16{});
-  if constexpr (KIND == Keys32::kBFloat16InF32) run(uint16_t{}, KeyBFloat16InF32{});
-  if constexpr (KIND == Keys32::kHalfInF32) run(uint16_t{}, KeyHalfInF32{});
+  const auto key_at = keys_of<KIND>(src.at(i));
+  if (iv.whole) {
+    count_whole(n - i, key_at, iv, local);
+  } else {
+    count_interval(n - i, key_at, iv, local);
+  }
 }
 
 // Digits of whole-range keys, written W at a time by vector code, counted here one by one into
@@ -269,9 +366,27 @@ constexpr CompressTable kCompress{};
 
 namespace isa_avx2 {
 GMT_BEGIN_AVX2
+template <class P>
+GMT_INLINE __m256 over_weight_scores(const KeySrc& s, int64_t i) {
+  using F = simd::avx2::F32;
+  const __m256 g = F::load(reinterpret_cast<const P*>(s.g) + i), w = F::load(reinterpret_cast<const P*>(s.w) + i);
+  return _mm256_div_ps(F::abs(g), _mm256_add_ps(F::abs(w), _mm256_set1_ps(s.eps32)));
+}
+
 template <Keys32 KIND>
-GMT_INLINE __m256i load_keys(const void* data, int64_t i) {
-  if constexpr (KIND == Keys32::kFloat) {
+GMT_INLINE __m256i load_keys(const KeySrc& s, int64_t i) {
+  const void* data = s.g;
+  if constexpr (KIND == Keys32::kRandom) {
+    using U = simd::avx2::U32;
+    return U::hash(U::from(s.low + uint32_t(i)), U::set1(s.t));
+  } else if constexpr (KIND == Keys32::kOverWeightFloat || KIND == Keys32::kOverWeightBFloat16 ||
+                       KIND == Keys32::kOverWeightHalf) {
+    using P = std::conditional_t<KIND == Keys32::kOverWeightFloat, float,
+                                 std::conditional_t<KIND == Keys32::kOverWeightHalf, simd::F16, simd::BF16>>;
+    const __m256 score = over_weight_scores<P>(s, i);  // a NaN lane: all ones, then the sign cleared
+    const __m256 nan = _mm256_cmp_ps(score, score, _CMP_UNORD_Q);
+    return _mm256_and_si256(_mm256_castps_si256(_mm256_or_ps(score, nan)), _mm256_set1_epi32(0x7fffffff));
+  } else if constexpr (KIND == Keys32::kFloat) {
     const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint32_t*>(data) + i));
     return _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
   } else {
@@ -296,7 +411,7 @@ struct IntervalConstants {
 // ZEROS (only when the interval starts at key 0): exact zeros, which real gradients hold by the
 // million, are counted in a register instead of going through the buffer.
 template <Keys32 KIND, bool ZEROS>
-GMT_INLINE void count8(const void* data, int64_t i, const IntervalConstants& c, __m256i& above, __m256i& nonfinite,
+GMT_INLINE void count8(const KeySrc& data, int64_t i, const IntervalConstants& c, __m256i& above, __m256i& nonfinite,
                        __m256i& zeros, uint32_t* buffer, int& fill, uint32_t* counts) {
   constexpr int kBuffer = 256;
   const __m256i key = load_keys<KIND>(data, i);
@@ -307,8 +422,13 @@ GMT_INLINE void count8(const void* data, int64_t i, const IntervalConstants& c, 
     zeros = _mm256_sub_epi32(zeros, is_zero);
     inside = _mm256_andnot_si256(is_zero, inside);
   }
-  above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(key, c.last));  // a true lane is -1
-  nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(key, c.below_inf));
+  if constexpr (unsigned_keys(KIND)) {  // key > last: not min(key, last) == key; no non-finite keys
+    const __m256i at_most = _mm256_cmpeq_epi32(_mm256_min_epu32(key, c.last), key);
+    above = _mm256_sub_epi32(above, _mm256_xor_si256(at_most, _mm256_set1_epi32(-1)));
+  } else {
+    above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(key, c.last));  // a true lane is -1
+    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(key, c.below_inf));
+  }
   const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
   const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[mask]));
   const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_srl_epi32(offset, c.shift), order);
@@ -326,7 +446,7 @@ GMT_INLINE int64_t lane_sum(__m256i lanes) {  // per-lane counts: n < 2^34 per c
 }
 
 template <Keys32 KIND, bool ZEROS>
-void count_interval_streams(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+void count_interval_streams(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
   const IntervalConstants c{_mm256_set1_epi32(int32_t(iv.lo)), _mm256_set1_epi32(int32_t(iv.last - iv.lo)),
                             _mm256_set1_epi32(int32_t(iv.last)), _mm256_set1_epi32(int32_t(iv.inf_key - 1)),
                             _mm_cvtsi32_si128(iv.shift)};
@@ -353,13 +473,13 @@ void count_interval_streams(const void* data, int64_t n, const Interval& iv, Loc
 }
 
 template <Keys32 KIND>
-void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+void count_interval(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
   if (iv.lo == 0) return count_interval_streams<KIND, true>(data, n, iv, local);
   count_interval_streams<KIND, false>(data, n, iv, local);
 }
 
 template <Keys32 KIND>
-void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+void count_whole(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
   const __m256i below_inf = _mm256_set1_epi32(int32_t(iv.inf_key - 1));
   const __m128i shift = _mm_cvtsi32_si128(iv.shift);
   __m256i nonfinite = _mm256_setzero_si256();
@@ -367,8 +487,10 @@ void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& l
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256i k0 = load_keys<KIND>(data, i), k1 = load_keys<KIND>(data, i + 8);
-    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(k0, below_inf));
-    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(k1, below_inf));
+    if constexpr (!unsigned_keys(KIND)) {
+      nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(k0, below_inf));
+      nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(k1, below_inf));
+    }
     _mm256_store_si256(reinterpret_cast<__m256i*>(digits), _mm256_srl_epi32(k0, shift));
     _mm256_store_si256(reinterpret_cast<__m256i*>(digits + 8), _mm256_srl_epi32(k1, shift));
     count_digits(digits, 16, local);
@@ -383,9 +505,34 @@ GMT_END
 
 namespace isa_avx512 {
 GMT_BEGIN_AVX512
+// float lanes of 16 entries of a float, bfloat16 or half tensor, lanes past `valid` zero.
+template <class P>
+GMT_INLINE __m512 load_floats(const char* x, int64_t i, __mmask16 valid) {
+  if constexpr (std::is_same_v<P, float>) {
+    return _mm512_maskz_loadu_ps(valid, reinterpret_cast<const float*>(x) + i);
+  } else {
+    const __m256i half = _mm256_maskz_loadu_epi16(valid, reinterpret_cast<const uint16_t*>(x) + i);
+    if constexpr (std::is_same_v<P, simd::F16>) return _mm512_cvtph_ps(half);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+  }
+}
+
 template <Keys32 KIND>
-GMT_INLINE __m512i load_keys(const void* data, int64_t i, __mmask16 valid) {
-  if constexpr (KIND == Keys32::kFloat) {
+GMT_INLINE __m512i load_keys(const KeySrc& s, int64_t i, __mmask16 valid) {
+  const void* data = s.g;
+  if constexpr (KIND == Keys32::kRandom) {
+    using U = simd::avx512::U32;
+    return U::hash(U::from(s.low + uint32_t(i)), U::set1(s.t));
+  } else if constexpr (KIND == Keys32::kOverWeightFloat || KIND == Keys32::kOverWeightBFloat16 ||
+                       KIND == Keys32::kOverWeightHalf) {
+    using P = std::conditional_t<KIND == Keys32::kOverWeightFloat, float,
+                                 std::conditional_t<KIND == Keys32::kOverWeightHalf, simd::F16, simd::BF16>>;
+    using F = simd::avx512::F32;
+    const __m512 g = load_floats<P>(s.g, i, valid), w = load_floats<P>(s.w, i, valid);
+    const __m512 score = _mm512_div_ps(F::abs(g), _mm512_add_ps(F::abs(w), _mm512_set1_ps(s.eps32)));
+    const __m512i key = _mm512_and_si512(_mm512_castps_si512(score), _mm512_set1_epi32(0x7fffffff));
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(score, score, _CMP_UNORD_Q), key, _mm512_set1_epi32(0x7fffffff));
+  } else if constexpr (KIND == Keys32::kFloat) {
     const __m512i bits = _mm512_maskz_loadu_epi32(valid, static_cast<const uint32_t*>(data) + i);
     return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
   } else {
@@ -403,7 +550,7 @@ GMT_INLINE __m512i load_keys(const void* data, int64_t i, __mmask16 valid) {
 // keys inside the interval to `buffer` at `fill` (compressed into a register, then a plain store:
 // a compressing store to memory is slow on Zen 4). Returns how many it appended.
 template <Keys32 KIND>
-GMT_INLINE int count16(const void* data, int64_t i, int64_t n, __m512i lo, __m512i span, __m512i last, __m512i inf,
+GMT_INLINE int count16(const KeySrc& data, int64_t i, int64_t n, __m512i lo, __m512i span, __m512i last, __m512i inf,
                        __m128i shift, __m512i& above, __m512i& nonfinite, uint32_t* buffer) {
   const __mmask16 valid = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
   const __m512i key = load_keys<KIND>(data, i, valid);
@@ -411,7 +558,9 @@ GMT_INLINE int count16(const void* data, int64_t i, int64_t n, __m512i lo, __m51
   const __mmask16 inside = _mm512_mask_cmple_epu32_mask(valid, offset, span);
   const __m512i one = _mm512_set1_epi32(1);
   above = _mm512_mask_add_epi32(above, _mm512_mask_cmpgt_epu32_mask(valid, key, last), above, one);
-  nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_mask_cmpge_epu32_mask(valid, key, inf), nonfinite, one);
+  if constexpr (!unsigned_keys(KIND)) {
+    nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_mask_cmpge_epu32_mask(valid, key, inf), nonfinite, one);
+  }
   _mm512_storeu_si512(buffer, _mm512_maskz_compress_epi32(inside, _mm512_srl_epi32(offset, shift)));
   return _mm_popcnt_u32(inside);
 }
@@ -420,7 +569,7 @@ GMT_INLINE int count16(const void* data, int64_t i, int64_t n, __m512i lo, __m51
 // several sequential reads in flight (a single stream leaves memory bandwidth unused), and each
 // buffer's fill count (compress, popcount, add: a dependency chain) advances independently.
 template <Keys32 KIND>
-void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+void count_interval(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
   const __m512i lo = _mm512_set1_epi32(int32_t(iv.lo)), span = _mm512_set1_epi32(int32_t(iv.last - iv.lo));
   const __m512i last = _mm512_set1_epi32(int32_t(iv.last)), inf = _mm512_set1_epi32(int32_t(iv.inf_key));
   const __m128i shift = _mm_cvtsi32_si128(iv.shift);
@@ -450,7 +599,7 @@ void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts
 }
 
 template <Keys32 KIND>
-void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+void count_whole(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
   const __m512i inf = _mm512_set1_epi32(int32_t(iv.inf_key)), one = _mm512_set1_epi32(1);
   const __m128i shift = _mm_cvtsi32_si128(iv.shift);
   __m512i nonfinite = _mm512_setzero_si512();
@@ -458,8 +607,10 @@ void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& l
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m512i k0 = load_keys<KIND>(data, i, 0xffff), k1 = load_keys<KIND>(data, i + 16, 0xffff);
-    nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_cmpge_epu32_mask(k0, inf), nonfinite, one);
-    nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_cmpge_epu32_mask(k1, inf), nonfinite, one);
+    if constexpr (!unsigned_keys(KIND)) {
+      nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_cmpge_epu32_mask(k0, inf), nonfinite, one);
+      nonfinite = _mm512_mask_add_epi32(nonfinite, _mm512_cmpge_epu32_mask(k1, inf), nonfinite, one);
+    }
     _mm512_store_si512(digits, _mm512_srl_epi32(k0, shift));
     _mm512_store_si512(digits + 16, _mm512_srl_epi32(k1, shift));
     count_digits(digits, 32, local);
@@ -474,8 +625,21 @@ GMT_END
 #ifdef GMT_SIMD_NEON
 namespace isa_neon {
 template <Keys32 KIND>
-GMT_INLINE uint32x4_t load_keys(const void* data, int64_t i) {
-  if constexpr (KIND == Keys32::kFloat) {
+GMT_INLINE uint32x4_t load_keys(const KeySrc& s, int64_t i) {
+  const void* data = s.g;
+  if constexpr (KIND == Keys32::kRandom) {
+    using U = simd::neon::U32;
+    return U::hash(U::from(s.low + uint32_t(i)), U::set1(s.t));
+  } else if constexpr (KIND == Keys32::kOverWeightFloat || KIND == Keys32::kOverWeightBFloat16 ||
+                       KIND == Keys32::kOverWeightHalf) {
+    using P = std::conditional_t<KIND == Keys32::kOverWeightFloat, float,
+                                 std::conditional_t<KIND == Keys32::kOverWeightHalf, simd::F16, simd::BF16>>;
+    using F = simd::neon::F32;
+    const float32x4_t g = F::load(reinterpret_cast<const P*>(s.g) + i), w = F::load(reinterpret_cast<const P*>(s.w) + i);
+    const float32x4_t score = vdivq_f32(F::abs(g), vaddq_f32(F::abs(w), vdupq_n_f32(s.eps32)));
+    const uint32x4_t nan = vmvnq_u32(vceqq_f32(score, score));
+    return vandq_u32(vorrq_u32(vreinterpretq_u32_f32(score), nan), vdupq_n_u32(0x7fffffffu));
+  } else if constexpr (KIND == Keys32::kFloat) {
     return vandq_u32(vld1q_u32(static_cast<const uint32_t*>(data) + i), vdupq_n_u32(0x7fffffffu));
   } else {
     const uint16x4_t half = vld1_u16(static_cast<const uint16_t*>(data) + i);
@@ -489,7 +653,7 @@ GMT_INLINE uint32x4_t load_keys(const void* data, int64_t i) {
 }
 
 template <Keys32 KIND>
-void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+void count_interval(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
   const uint32x4_t lo = vdupq_n_u32(uint32_t(iv.lo)), span = vdupq_n_u32(uint32_t(iv.last - iv.lo));
   const uint32x4_t last = vdupq_n_u32(uint32_t(iv.last)), inf = vdupq_n_u32(uint32_t(iv.inf_key));
   const int32x4_t right = vdupq_n_s32(-iv.shift);  // a negative left shift shifts right
@@ -505,7 +669,7 @@ void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts
       const uint32x4_t key = load_keys<KIND>(data, i + 4 * h);
       const uint32x4_t offset = vsubq_u32(key, lo);
       above = vsubq_u32(above, vcgtq_u32(key, last));  // a true lane is all ones: subtracting adds 1
-      nonfinite = vsubq_u32(nonfinite, vcgeq_u32(key, inf));
+      if constexpr (!unsigned_keys(KIND)) nonfinite = vsubq_u32(nonfinite, vcgeq_u32(key, inf));
       vst1q_u32(inside + 4 * h, vshrq_n_u32(vcleq_u32(offset, span), 31));
       vst1q_u32(digits + 4 * h, vshlq_u32(offset, right));
     }
@@ -522,7 +686,7 @@ void count_interval(const void* data, int64_t n, const Interval& iv, LocalCounts
 }
 
 template <Keys32 KIND>
-void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& local) {
+void count_whole(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
   const uint32x4_t inf = vdupq_n_u32(uint32_t(iv.inf_key));
   const int32x4_t right = vdupq_n_s32(-iv.shift);
   uint32x4_t nonfinite = vdupq_n_u32(0);
@@ -531,7 +695,7 @@ void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& l
   for (; i + 16 <= n; i += 16) {
     for (int q = 0; q < 4; ++q) {
       const uint32x4_t key = load_keys<KIND>(data, i + 4 * q);
-      nonfinite = vsubq_u32(nonfinite, vcgeq_u32(key, inf));
+      if constexpr (!unsigned_keys(KIND)) nonfinite = vsubq_u32(nonfinite, vcgeq_u32(key, inf));
       vst1q_u32(digits + 4 * q, vshlq_u32(key, right));
     }
     count_digits(digits, 16, local);
@@ -542,61 +706,79 @@ void count_whole(const void* data, int64_t n, const Interval& iv, LocalCounts& l
 }  // namespace isa_neon
 #endif  // GMT_SIMD_NEON
 
-// One span [0, n) of a 32-bit-key gradient at `level` (never kDefault: that is count_span_portable).
-void count_span_vector(cpu::Level level, Keys32 kind, const void* data, int64_t n, const Interval& iv,
-                       LocalCounts& local) {
-#define GMT_KINDS(NS)                                                                                   \
-  switch (kind) {                                                                                       \
-    case Keys32::kFloat: return iv.whole ? NS::count_whole<Keys32::kFloat>(data, n, iv, local)          \
-                                         : NS::count_interval<Keys32::kFloat>(data, n, iv, local);      \
-    case Keys32::kSameWidth16: return iv.whole ? NS::count_whole<Keys32::kSameWidth16>(data, n, iv, local) \
-                                               : NS::count_interval<Keys32::kSameWidth16>(data, n, iv, local); \
-    case Keys32::kBFloat16InF32: return iv.whole ? NS::count_whole<Keys32::kBFloat16InF32>(data, n, iv, local) \
-                                                 : NS::count_interval<Keys32::kBFloat16InF32>(data, n, iv, local); \
-    case Keys32::kHalfInF32: return iv.whole ? NS::count_whole<Keys32::kHalfInF32>(data, n, iv, local)  \
-                                             : NS::count_interval<Keys32::kHalfInF32>(data, n, iv, local); \
-    case Keys32::kNone: break;                                                                          \
+// Calls fn(std::integral_constant<Keys32, K>) for the runtime kind K (never kNone).
+template <class Fn>
+void with_kind(Keys32 kind, Fn&& fn) {
+  switch (kind) {
+#define GMT_KIND(K) \
+  case Keys32::K: return fn(std::integral_constant<Keys32, Keys32::K>{});
+    GMT_KIND(kFloat) GMT_KIND(kSameWidth16) GMT_KIND(kBFloat16InF32) GMT_KIND(kHalfInF32)
+    GMT_KIND(kOverWeightFloat) GMT_KIND(kOverWeightBFloat16) GMT_KIND(kOverWeightHalf) GMT_KIND(kRandom)
+#undef GMT_KIND
+    case Keys32::kNone: break;
   }
+  TORCH_CHECK(false, "unreachable: no 32-bit keys for this dtype/format/criterion");
+}
+
+// One span [0, n) of 32-bit keys at `level` (never kDefault: the portable code is count_piece's).
+void count_span_vector(cpu::Level level, Keys32 kind, const KeySrc& src, int64_t n, const Interval& iv,
+                       LocalCounts& local) {
+#define GMT_LEVEL(NS)                                                           \
+  return with_kind(kind, [&](auto k) {                                          \
+    constexpr Keys32 K = decltype(k)::value;                                    \
+    if (iv.whole) return NS::count_whole<K>(src, n, iv, local);                 \
+    NS::count_interval<K>(src, n, iv, local);                                   \
+  });
   switch (level) {
 #ifdef GMT_SIMD_X86
-    case cpu::Level::kAvx512: GMT_KINDS(isa_avx512) break;
-    case cpu::Level::kAvx2: GMT_KINDS(isa_avx2) break;
+    case cpu::Level::kAvx512: GMT_LEVEL(isa_avx512)
+    case cpu::Level::kAvx2: GMT_LEVEL(isa_avx2)
 #endif
 #ifdef GMT_SIMD_NEON
-    case cpu::Level::kNeon: GMT_KINDS(isa_neon) break;
+    case cpu::Level::kNeon: GMT_LEVEL(isa_neon)
 #endif
     default: break;
   }
-#undef GMT_KINDS
+#undef GMT_LEVEL
   TORCH_CHECK(false, "unreachable: no ", cpu::level_name(level), " histogram variant for this dtype/format pair");
 }
 
-// Calls fn(bits_tag, key) with the storage type and one-key function of (gradient dtype, key format).
+// Calls fn(make) where make(src) is the one-key function (j -> key) of the span `src` starts, for
+// (tensor dtype, key format, criterion), in the portable code.
 template <class Fn>
-void with_key_function(at::ScalarType dtype, const std::string& format, Fn&& fn) {
+void with_key_function(at::ScalarType dtype, const std::string& format, Criterion criterion, Fn&& fn) {
   using at::ScalarType;
-  if (format == "f32") {
-    if (dtype == ScalarType::Float) return fn(uint32_t{}, KeySameWidth32{});
-    if (dtype == ScalarType::BFloat16) return fn(uint16_t{}, KeyBFloat16InF32{});
-    if (dtype == ScalarType::Half) return fn(uint16_t{}, KeyHalfInF32{});
-  } else if ((format == "f16" && dtype == ScalarType::Half) || (format == "bf16" && dtype == ScalarType::BFloat16)) {
-    return fn(uint16_t{}, KeySameWidth16{});
-  } else if (format == "f64") {
-    if (dtype == ScalarType::Double) return fn(uint64_t{}, KeySameWidth64{});
-    if (dtype == ScalarType::Float) return fn(uint32_t{}, KeyFloatInF64{});
-    if (dtype == ScalarType::Half) return fn(uint16_t{}, KeyHalfInF64{});
-    if (dtype == ScalarType::BFloat16) return fn(uint16_t{}, KeyBFloat16InF64{});
+  const Keys32 kind = keys32_kind(dtype, format, criterion);
+  if (kind != Keys32::kNone) {
+    return with_kind(kind, [&](auto k) { fn([](const KeySrc& s) { return keys_of<decltype(k)::value>(s); }); });
   }
-  TORCH_CHECK(false, "unreachable: dtype/format pair was validated");
+  auto grad = [&](auto bits_tag, auto key) {
+    using Bits = decltype(bits_tag);
+    using Key = decltype(key);
+    fn([](const KeySrc& s) { return GradKeys<Bits, Key>{reinterpret_cast<const Bits*>(s.g), {}}; });
+  };
+  if (format == "f64" && criterion == Criterion::kGrad) {
+    if (dtype == ScalarType::Double) return grad(uint64_t{}, KeySameWidth64{});
+    if (dtype == ScalarType::Float) return grad(uint32_t{}, KeyFloatInF64{});
+    if (dtype == ScalarType::Half) return grad(uint16_t{}, KeyHalfInF64{});
+    if (dtype == ScalarType::BFloat16) return grad(uint16_t{}, KeyBFloat16InF64{});
+  } else if (format == "f64" && criterion == Criterion::kGradOverWeight) {
+    if (dtype == ScalarType::Double) return fn([](const KeySrc& s) { return OverWeightKeys64<double>{s}; });
+    if (dtype == ScalarType::Float) return fn([](const KeySrc& s) { return OverWeightKeys64<float>{s}; });
+    if (dtype == ScalarType::Half) return fn([](const KeySrc& s) { return OverWeightKeys64<simd::F16>{s}; });
+    if (dtype == ScalarType::BFloat16) return fn([](const KeySrc& s) { return OverWeightKeys64<simd::BF16>{s}; });
+  }
+  TORCH_CHECK(false, "unreachable: dtype/format/criterion were validated");
 }
 
 // Calls span(a, b) for the parts [a, b) of entries [first, last) of one tensor (the tensor_index-th
 // of the call) that lie in its sampled blocks. Blocks are taken 64 at a time: their hashes make a
-// 64-bit mask, and the picks of the group two ahead are prefetched (picked blocks are far apart:
-// reading them would otherwise wait on memory latency block after block).
+// 64-bit mask, and the picks of the group two ahead are prefetched from each of `bases` that is
+// not null (picked blocks are far apart: reading them would otherwise wait on memory latency block
+// after block).
 template <class SpanFn>
-void for_each_sampled_span(const char* base, int64_t elem_size, int64_t first, int64_t last, int64_t sample_log2,
-                           uint64_t tensor_index, SpanFn&& span) {
+void for_each_sampled_span(std::array<const char*, 2> bases, int64_t elem_size, int64_t first, int64_t last,
+                           int64_t sample_log2, uint64_t tensor_index, SpanFn&& span) {
   constexpr int64_t kBlock = radix::kSampleBlock, kGroup = 64;
   const int64_t first_block = first / kBlock, end_block = (last + kBlock - 1) / kBlock;
   auto picks = [&](int64_t group_start) -> uint64_t {  // a group never straddles the 2^31 wrap of j
@@ -611,8 +793,11 @@ void for_each_sampled_span(const char* base, int64_t elem_size, int64_t first, i
   };
   auto prefetch = [&](int64_t group_start, uint64_t bits) {
     for (; bits; bits &= bits - 1) {
-      const char* p = base + (group_start + __builtin_ctzll(bits)) * kBlock * elem_size;
-      for (int64_t line = 0; line < kBlock * elem_size; line += 64) __builtin_prefetch(p + line);
+      for (const char* base : bases) {
+        if (base == nullptr) continue;
+        const char* p = base + (group_start + __builtin_ctzll(bits)) * kBlock * elem_size;
+        for (int64_t line = 0; line < kBlock * elem_size; line += 64) __builtin_prefetch(p + line);
+      }
     }
   };
   const int64_t first_group = first_block & ~(kGroup - 1);
@@ -633,64 +818,101 @@ void for_each_sampled_span(const char* base, int64_t elem_size, int64_t first, i
 
 // The levels one call's passes run at, read once per call (cpu::kernel_level).
 struct PassLevels {
-  cpu::Level whole, interval, sample, f64;
+  cpu::Level whole, interval, sample, f64, over_weight, random;
+};
+
+// One tensor of a call: its scoring inputs from entry 0 (KeySrc with t and low unset) and, for the
+// random score, its key and the index of its entry 0 in the whole parameter.
+struct TensorKeys {
+  KeySrc src;
+  at::ScalarType dtype;
+  uint32_t random_key = 0;
+  uint64_t entry0 = 0;
 };
 
 // Entries [first, last) of one tensor, or only those of its sampled blocks when sample_log2 > 0.
-void count_piece(const PassLevels& levels, at::ScalarType dtype, const std::string& format, const void* data,
+void count_piece(const PassLevels& levels, const TensorKeys& tk, const std::string& format, Criterion criterion,
                  int64_t first, int64_t last, const Interval& iv, int64_t sample_log2, uint64_t tensor_index,
                  LocalCounts& local) {
-  const Keys32 kind = keys32_kind(dtype, format);
-  const cpu::Level level = kind == Keys32::kNone ? levels.f64
-                           : sample_log2 > 0     ? levels.sample
-                           : iv.whole            ? levels.whole
-                                                 : levels.interval;
-  const char* base = static_cast<const char*>(data);
-  const int64_t elem_size = at::elementSize(dtype);
-  auto run = [&](auto&& span) {
-    if (sample_log2 == 0) return span(first, last);
-    for_each_sampled_span(base, elem_size, first, last, sample_log2, tensor_index, span);
+  const Keys32 kind = keys32_kind(tk.dtype, format, criterion);
+  const cpu::Level level = kind == Keys32::kNone                     ? levels.f64
+                           : criterion == Criterion::kRandom         ? levels.random
+                           : criterion == Criterion::kGradOverWeight ? levels.over_weight
+                           : sample_log2 > 0                         ? levels.sample
+                           : iv.whole                                ? levels.whole
+                                                                     : levels.interval;
+  const bool random = criterion == Criterion::kRandom;
+  // The random score reads no memory: nothing to prefetch.
+  const std::array<const char*, 2> bases{random ? nullptr : tk.src.g, random ? nullptr : tk.src.w};
+  // Calls count(src, n) for the span [a, b), cut where the random score's entry crosses a multiple
+  // of 2**32 (t changes there).
+  auto spans = [&](int64_t a, int64_t b, auto&& count) {
+    while (a < b) {
+      KeySrc s = tk.src.at(a);
+      int64_t stop = b;
+      if (random) {
+        const uint64_t entry = tk.entry0 + uint64_t(a);
+        s.t = simd::random_high(tk.random_key, entry);
+        s.low = uint32_t(entry);
+        stop = std::min<int64_t>(b, a + int64_t((uint64_t(1) << 32) - s.low));
+      }
+      count(s, stop - a);
+      a = stop;
+    }
+  };
+  auto run = [&](auto&& count) {
+    auto one = [&](int64_t a, int64_t b) { spans(a, b, count); };
+    if (sample_log2 == 0) return one(first, last);
+    for_each_sampled_span(bases, tk.src.elem, first, last, sample_log2, tensor_index, one);
   };
   if (level != cpu::Level::kDefault) {
-    return run([&](int64_t a, int64_t b) { count_span_vector(level, kind, base + a * elem_size, b - a, iv, local); });
+    return run([&](const KeySrc& s, int64_t n) { count_span_vector(level, kind, s, n, iv, local); });
   }
-  with_key_function(dtype, format, [&](auto bits_tag, auto key) {
-    using Bits = decltype(bits_tag);
-    const Bits* x = static_cast<const Bits*>(data);
-    run([&](int64_t a, int64_t b) {
+  with_key_function(tk.dtype, format, criterion, [&](auto make) {
+    run([&](const KeySrc& s, int64_t n) {
+      const auto key_at = make(s);
       if (iv.whole) {
-        count_whole(x + a, b - a, key, iv, local);
+        count_whole(n, key_at, iv, local);
       } else {
-        count_interval(x + a, b - a, key, iv, local);
+        count_interval(n, key_at, iv, local);
       }
     });
   });
 }
 
-bool format_holds(const std::string& format, at::ScalarType dtype) {
+// Whether key format `format` scores tensors of `dtype` exactly under `criterion` (radix.py picks
+// the format: by dtype for grad, f32 or f64 for grad_over_weight, u32 for random).
+bool format_holds(const std::string& format, at::ScalarType dtype, Criterion criterion) {
   using at::ScalarType;
-  if (format == "f64") return at::isFloatingType(dtype) && at::elementSize(dtype) <= 8;
+  const bool floating = dtype == ScalarType::Float || dtype == ScalarType::Double || dtype == ScalarType::Half ||
+                        dtype == ScalarType::BFloat16;
+  if (criterion == Criterion::kRandom) return format == "u32";
+  if (format == "u32") return false;
+  if (format == "f64") return floating;
   if (format == "f32") return dtype == ScalarType::Float || dtype == ScalarType::Half || dtype == ScalarType::BFloat16;
+  if (criterion == Criterion::kGradOverWeight) return false;  // scored in float32 or float64
   if (format == "f16") return dtype == ScalarType::Half;
   if (format == "bf16") return dtype == ScalarType::BFloat16;
   return false;
 }
 
+const char* criterion_name(Criterion c) {
+  switch (c) {
+    case Criterion::kGrad: return "grad";
+    case Criterion::kGradOverWeight: return "grad_over_weight";
+    case Criterion::kRandom: return "random";
+  }
+  return "?";
+}
+
 }  // namespace
 
 void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const at::Tensor& state,
-                         const at::Tensor& hist, c10::string_view key_format, c10::string_view criterion,
-                         double /*score_eps*/, at::TensorList /*weights*/,
-                         const c10::optional<at::Tensor>& /*random_keys*/,
-                         const c10::optional<at::Tensor>& /*entry_offsets*/) {
+                         const at::Tensor& hist, const std::string& format, const Scoring& scoring) {
   using namespace radix;
-  // Only GMT's |g| score so far; the other criteria (SEMANTICS.md section 8) follow.
-  TORCH_CHECK(criterion == "grad", "gmt_kernels::radix_histogram (C++ CPU backend): criterion '",
-              std::string(criterion), "' is not supported yet; use backend='reference'.");
-  const std::string format(key_format.data(), key_format.size());
   const KeyFormat* fmt = find_format(format);
   TORCH_CHECK(fmt != nullptr, "gmt_kernels::radix_histogram: unknown key_format '", format,
-              "'; expected one of f16, bf16, f32, f64 (radix.KEY_FORMATS).");
+              "'; expected one of f16, bf16, f32, f64, u32 (radix.KEY_FORMATS).");
   TORCH_CHECK(state.device().is_cpu() && state.scalar_type() == at::kLong && state.dim() == 2 &&
                   state.size(1) == kStateColumns && state.is_contiguous(),
               "gmt_kernels::radix_histogram: state must be a contiguous int64 CPU tensor [scopes, ", int64_t(kStateColumns),
@@ -703,6 +925,12 @@ void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const a
   TORCH_CHECK(int64_t(scope_of.size()) == int64_t(grads.size()),
               "gmt_kernels::radix_histogram: scope_of has ", scope_of.size(), " entries for ", grads.size(),
               " gradients; it needs one scope row per gradient.");
+  const Criterion criterion = scoring.criterion;
+  scoring.check("radix_histogram", grads.size());
+  const bool over_weight = criterion == Criterion::kGradOverWeight;
+  TORCH_CHECK(!over_weight || scoring.weights.size() == grads.size(), "gmt_kernels::radix_histogram: criterion ",
+              "'grad_over_weight' needs one weight (theta) per gradient; got ", scoring.weights.size(), " for ",
+              grads.size(), " gradients.");
 
   const int64_t* st = state.data_ptr<int64_t>();
   std::vector<Interval> intervals(scopes);
@@ -719,7 +947,8 @@ void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const a
     intervals[s] = Interval{uint64_t(row[LO]), uint64_t(row[LAST]), fmt->inf_key(), int(row[SHIFT]), whole};
   }
 
-  std::vector<at::Tensor> work;  // gradients of scopes still selecting, as dense memory blocks
+  std::vector<at::Tensor> work;  // tensors of scopes still selecting, as dense memory blocks
+  std::vector<TensorKeys> keys;
   std::vector<int64_t> sizes, rows, index_in_call;
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
@@ -728,23 +957,59 @@ void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const a
                 " is not a row of state, which has ", scopes, " scopes.");
     TORCH_CHECK(g.device().is_cpu(), "gmt_kernels::radix_histogram (C++ CPU backend): gradient ", i, " is on ",
                 g.device(), "; this backend serves CPU tensors only. Use backend='auto' to pick one per device.");
-    TORCH_CHECK(format_holds(format, g.scalar_type()), "gmt_kernels::radix_histogram: a ", g.scalar_type(),
-                " gradient (", i, ") cannot be scored exactly in key format ", format,
-                "; radix.key_format_for picks a format wide enough for every dtype of a scope.");
+    TORCH_CHECK(format_holds(format, g.scalar_type(), criterion), "gmt_kernels::radix_histogram: a ", g.scalar_type(),
+                " gradient (", i, ") cannot be scored by criterion '", criterion_name(criterion), "' in key format ",
+                format, "; radix.py picks the format (by dtype for 'grad', f32 or f64 for 'grad_over_weight', u32 for ",
+                "'random').");
+    if (over_weight) {
+      const at::Tensor& w = scoring.weights[i];
+      TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == g.scalar_type() && w.sizes() == g.sizes(),
+                  "gmt_kernels::radix_histogram: weights[", i, "] (theta) must be a CPU tensor of gradient ", i,
+                  "'s dtype and shape (", g.scalar_type(), " ", g.sizes(), "); got ", w.scalar_type(), " ", w.sizes(),
+                  " on ", w.device(), ".");
+    }
     if (st[s * kStateColumns + DONE] != 0 || g.numel() == 0) continue;  // a finished scope reads nothing
     // Memory order (backends.memory_order_view): any dense layout is read as it lies; only
-    // overlapping or gappy views (rare for gradients) pay for a copy.
-    work.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
+    // overlapping or gappy views (rare for gradients) pay for a copy. g and theta are read in one
+    // layout, else both as contiguous copies.
+    at::Tensor gw = g, ww;
+    if (over_weight) {
+      ww = scoring.weights[i];
+      const bool shared = g.is_non_overlapping_and_dense() && ww.is_non_overlapping_and_dense() &&
+                          g.strides() == ww.strides();
+      if (!shared) {
+        gw = g.contiguous();
+        ww = ww.contiguous();
+      }
+    } else if (!g.is_non_overlapping_and_dense()) {
+      gw = g.contiguous();
+    }
+    work.push_back(gw);
+    if (ww.defined()) work.push_back(ww);
+    TensorKeys tk;
+    tk.dtype = g.scalar_type();
+    tk.src.g = static_cast<const char*>(gw.data_ptr());
+    tk.src.w = ww.defined() ? static_cast<const char*>(ww.data_ptr()) : nullptr;
+    tk.src.elem = g.element_size();
+    tk.src.eps32 = static_cast<float>(scoring.score_eps);
+    tk.src.eps64 = scoring.score_eps;
+    if (criterion == Criterion::kRandom) {
+      tk.random_key = scoring.random_key(i);
+      tk.entry0 = scoring.entry_offset(i);
+    }
+    keys.push_back(tk);
     sizes.push_back(g.numel());
     rows.push_back(s);
     index_in_call.push_back(int64_t(i));
   }
-  if (work.empty()) return;
+  if (keys.empty()) return;
   FlatIndex flat(sizes);
   int64_t* out = hist.data_ptr<int64_t>();
   using cpu::Kernel;
   const PassLevels levels{cpu::kernel_level(Kernel::kHistogramWhole), cpu::kernel_level(Kernel::kHistogramInterval),
-                          cpu::kernel_level(Kernel::kHistogramSample), cpu::kernel_level(Kernel::kHistogramF64)};
+                          cpu::kernel_level(Kernel::kHistogramSample), cpu::kernel_level(Kernel::kHistogramF64),
+                          cpu::kernel_level(Kernel::kHistogramGradOverWeight),
+                          cpu::kernel_level(Kernel::kHistogramRandom)};
 
   at::parallel_for(0, flat.total(), kGrain, [&](int64_t begin, int64_t end) {
     LocalCounts local;
@@ -758,7 +1023,6 @@ void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const a
         pending_row = row;
         pending_entries = 0;
       }
-      const at::Tensor& g = work[item];
       const int64_t sample_log2 = st[row * kStateColumns + SAMPLE];
       constexpr int64_t kPiece = int64_t(1) << 30;
       for (int64_t lo = first; lo < last; lo += kPiece) {
@@ -767,7 +1031,7 @@ void radix_histogram_cpu(at::TensorList grads, at::IntArrayRef scope_of, const a
           local.flush_into(out + row * kHistColumns);
           pending_entries = 0;
         }
-        count_piece(levels, g.scalar_type(), format, g.data_ptr(), lo, hi, intervals[row], sample_log2,
+        count_piece(levels, keys[item], format, criterion, lo, hi, intervals[row], sample_log2,
                     uint64_t(index_in_call[item]), local);
         pending_entries += hi - lo;
       }

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define GMT_SIMD_X86 1
@@ -95,6 +96,36 @@ struct Scalar {
   static GMT_INLINE M or_(M a, M b) { return a | b; }
   static GMT_INLINE R select(M m, R a, R b) { return m ? a : b; }
   static GMT_INLINE int count(M m) { return int(m); }
+  // Keep masks as bits in entry order (bit j: entry j of the W), for stored masks and word sources.
+  template <class P>
+  static GMT_INLINE uint32_t to_bits(M m) { return uint32_t(m); }
+  template <class P>
+  static GMT_INLINE M from_bits(uint32_t bits) { return (bits & 1u) != 0; }
+};
+
+// The random score of gmt_kernels/scores.py (its docstring is the spec): 32-bit words, products
+// modulo 2**32, logical shifts. t = mix(key ^ (entry >> 32)) once per 2**32 entries, then
+// u = mix(mix(t ^ (entry mod 2**32)) + t) per entry.
+constexpr uint32_t kMixMul1 = 0x7FEB352Du, kMixMul2 = 0x846CA68Bu;
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kMixMul1;
+  x ^= x >> 15;
+  x *= kMixMul2;
+  return x ^ (x >> 16);
+}
+inline uint32_t random_high(uint32_t key, uint64_t entry) { return mix32(key ^ uint32_t(entry >> 32)); }
+inline uint32_t random_u(uint32_t t, uint32_t low) { return mix32(mix32(t ^ low) + t); }
+
+// 32-bit unsigned lanes for the random score, one lane: the portable level and the tails.
+struct U32 {
+  using R = uint32_t;
+  static constexpr int W = 1;
+  static GMT_INLINE R set1(uint32_t x) { return x; }
+  static GMT_INLINE R iota() { return 0u; }  // lane j holds j
+  static GMT_INLINE R from(uint32_t start) { return start; }  // lane j holds start + j (mod 2**32)
+  static GMT_INLINE R hash(R low, R t) { return random_u(t, low); }
+  static GMT_INLINE uint32_t ge_bits(R u, R bound) { return uint32_t(u >= bound); }  // unsigned
 };
 
 }  // namespace simd
@@ -143,6 +174,14 @@ struct F32 {
   static GMT_INLINE M or_(M a, M b) { return _mm256_or_ps(a, b); }
   static GMT_INLINE R select(M m, R a, R b) { return _mm256_blendv_ps(b, a, m); }
   static GMT_INLINE int count(M m) { return _mm_popcnt_u32(unsigned(_mm256_movemask_ps(m))); }
+  template <class P>
+  static GMT_INLINE uint32_t to_bits(M m) { return uint32_t(_mm256_movemask_ps(m)); }
+  static GMT_INLINE M lanes_of(uint32_t bits) {  // bit j of `bits` -> lane j all ones
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(bits)), lane_bit), lane_bit));
+  }
+  template <class P>
+  static GMT_INLINE M from_bits(uint32_t bits) { return lanes_of(bits); }
 };
 // Two registers of 8 floats per step: the 16-bit formats then convert with one 256-bit load or
 // store and no lane-crossing shuffle, and the loop has two independent chains per iteration.
@@ -205,6 +244,25 @@ struct F32x2 {
   static GMT_INLINE int count(M m) {
     return _mm_popcnt_u32(unsigned(_mm256_movemask_ps(m.a)) | unsigned(_mm256_movemask_ps(m.b)) << 8);
   }
+  // Entry-ordered bits: bfloat16 lanes hold entries 0-3, 8-11 | 4-7, 12-15 (see above).
+  template <class P>
+  static GMT_INLINE uint32_t to_bits(M m) {
+    const uint32_t a = uint32_t(_mm256_movemask_ps(m.a)), b = uint32_t(_mm256_movemask_ps(m.b));
+    if constexpr (std::is_same_v<P, BF16>) {
+      return (a & 0xFu) | (b & 0xFu) << 4 | (a >> 4) << 8 | (b >> 4) << 12;
+    } else {
+      return a | b << 8;
+    }
+  }
+  template <class P>
+  static GMT_INLINE M from_bits(uint32_t bits) {
+    if constexpr (std::is_same_v<P, BF16>) {
+      return {F32::lanes_of((bits & 0xFu) | ((bits >> 8) & 0xFu) << 4),
+              F32::lanes_of(((bits >> 4) & 0xFu) | ((bits >> 12) & 0xFu) << 4)};
+    } else {
+      return {F32::lanes_of(bits & 0xFFu), F32::lanes_of(bits >> 8)};
+    }
+  }
 };
 struct F64 {
   using T = double;
@@ -227,6 +285,33 @@ struct F64 {
   static GMT_INLINE M or_(M a, M b) { return _mm256_or_pd(a, b); }
   static GMT_INLINE R select(M m, R a, R b) { return _mm256_blendv_pd(b, a, m); }
   static GMT_INLINE int count(M m) { return _mm_popcnt_u32(unsigned(_mm256_movemask_pd(m))); }
+  template <class P>
+  static GMT_INLINE uint32_t to_bits(M m) { return uint32_t(_mm256_movemask_pd(m)); }
+  template <class P>
+  static GMT_INLINE M from_bits(uint32_t bits) {
+    const __m256i lane_bit = _mm256_setr_epi64x(1, 2, 4, 8);
+    return _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(bits), lane_bit), lane_bit));
+  }
+};
+
+// Random-score lanes (see simd::U32): the 32-bit multiplies keep the low half, as the spec's.
+struct U32 {
+  using R = __m256i;
+  static constexpr int W = 8;
+  static GMT_INLINE R set1(uint32_t x) { return _mm256_set1_epi32(int32_t(x)); }
+  static GMT_INLINE R iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static GMT_INLINE R from(uint32_t start) { return _mm256_add_epi32(set1(start), iota()); }
+  static GMT_INLINE R mix(R x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(kMixMul1)));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(kMixMul2)));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  }
+  static GMT_INLINE R hash(R low, R t) { return mix(_mm256_add_epi32(mix(_mm256_xor_si256(low, t)), t)); }
+  static GMT_INLINE uint32_t ge_bits(R u, R bound) {  // unsigned u >= bound: max(u, bound) == u
+    return uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(u, bound), u))));
+  }
 };
 GMT_END
 }  // namespace avx2
@@ -269,6 +354,10 @@ struct F32 {
   static GMT_INLINE M or_(M a, M b) { return M(a | b); }
   static GMT_INLINE R select(M m, R a, R b) { return _mm512_mask_blend_ps(m, b, a); }
   static GMT_INLINE int count(M m) { return _mm_popcnt_u32(unsigned(m)); }
+  template <class P>
+  static GMT_INLINE uint32_t to_bits(M m) { return uint32_t(m); }
+  template <class P>
+  static GMT_INLINE M from_bits(uint32_t bits) { return M(bits); }
 };
 struct F64 {
   using T = double;
@@ -291,6 +380,27 @@ struct F64 {
   static GMT_INLINE M or_(M a, M b) { return M(a | b); }
   static GMT_INLINE R select(M m, R a, R b) { return _mm512_mask_blend_pd(m, b, a); }
   static GMT_INLINE int count(M m) { return _mm_popcnt_u32(unsigned(m)); }
+  template <class P>
+  static GMT_INLINE uint32_t to_bits(M m) { return uint32_t(m); }
+  template <class P>
+  static GMT_INLINE M from_bits(uint32_t bits) { return M(bits); }
+};
+
+struct U32 {
+  using R = __m512i;
+  static constexpr int W = 16;
+  static GMT_INLINE R set1(uint32_t x) { return _mm512_set1_epi32(int32_t(x)); }
+  static GMT_INLINE R iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static GMT_INLINE R from(uint32_t start) { return _mm512_add_epi32(set1(start), iota()); }
+  static GMT_INLINE R mix(R x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(kMixMul1)));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(kMixMul2)));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  }
+  static GMT_INLINE R hash(R low, R t) { return mix(_mm512_add_epi32(mix(_mm512_xor_si512(low, t)), t)); }
+  static GMT_INLINE uint32_t ge_bits(R u, R bound) { return uint32_t(_mm512_cmpge_epu32_mask(u, bound)); }
 };
 GMT_END
 }  // namespace avx512
@@ -339,6 +449,16 @@ struct F32 {
   static GMT_INLINE M or_(M a, M b) { return vorrq_u32(a, b); }
   static GMT_INLINE R select(M m, R a, R b) { return vbslq_f32(m, a, b); }
   static GMT_INLINE int count(M m) { return int(vaddvq_u32(vshrq_n_u32(m, 31))); }
+  template <class P>
+  static GMT_INLINE uint32_t to_bits(M m) {
+    static const uint32_t weights[4] = {1, 2, 4, 8};
+    return vaddvq_u32(vandq_u32(m, vld1q_u32(weights)));
+  }
+  template <class P>
+  static GMT_INLINE M from_bits(uint32_t bits) {
+    static const uint32_t weights[4] = {1, 2, 4, 8};
+    return vtstq_u32(vdupq_n_u32(bits), vld1q_u32(weights));
+  }
 };
 struct F64 {
   using T = double;
@@ -361,6 +481,39 @@ struct F64 {
   static GMT_INLINE M or_(M a, M b) { return vorrq_u64(a, b); }
   static GMT_INLINE R select(M m, R a, R b) { return vbslq_f64(m, a, b); }
   static GMT_INLINE int count(M m) { return int(vaddvq_u64(vshrq_n_u64(m, 63))); }
+  template <class P>
+  static GMT_INLINE uint32_t to_bits(M m) {
+    static const uint64_t weights[2] = {1, 2};
+    return uint32_t(vaddvq_u64(vandq_u64(m, vld1q_u64(weights))));
+  }
+  template <class P>
+  static GMT_INLINE M from_bits(uint32_t bits) {
+    static const uint64_t weights[2] = {1, 2};
+    return vtstq_u64(vdupq_n_u64(bits), vld1q_u64(weights));
+  }
+};
+
+struct U32 {
+  using R = uint32x4_t;
+  static constexpr int W = 4;
+  static GMT_INLINE R set1(uint32_t x) { return vdupq_n_u32(x); }
+  static GMT_INLINE R iota() {
+    static const uint32_t lanes[4] = {0, 1, 2, 3};
+    return vld1q_u32(lanes);
+  }
+  static GMT_INLINE R from(uint32_t start) { return vaddq_u32(set1(start), iota()); }
+  static GMT_INLINE R mix(R x) {
+    x = veorq_u32(x, vshrq_n_u32(x, 16));
+    x = vmulq_u32(x, vdupq_n_u32(kMixMul1));
+    x = veorq_u32(x, vshrq_n_u32(x, 15));
+    x = vmulq_u32(x, vdupq_n_u32(kMixMul2));
+    return veorq_u32(x, vshrq_n_u32(x, 16));
+  }
+  static GMT_INLINE R hash(R low, R t) { return mix(vaddq_u32(mix(veorq_u32(low, t)), t)); }
+  static GMT_INLINE uint32_t ge_bits(R u, R bound) {
+    static const uint32_t weights[4] = {1, 2, 4, 8};
+    return vaddvq_u32(vandq_u32(vcgeq_u32(u, bound), vld1q_u32(weights)));
+  }
 };
 }  // namespace neon
 }  // namespace simd

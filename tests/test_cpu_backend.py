@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from calls import GRAD_HISTOGRAM_SCHEMA_ARGS, flat_masked_adamw
+from test_cpu_capability import VECTOR_KERNELS
 from gmt_kernels import GMTAdamW, radix
 from gmt_kernels.backends import cpu, reference
 
@@ -90,9 +91,7 @@ def capability(request):
     level = request.param
     with cpu.use_cpu_capability(level):
         kernels = cpu.kernel_capabilities()
-        assert {k: v for k, v in kernels.items() if k != "histogram_f64_keys"} == dict.fromkeys(
-            ["masked_adamw", "histogram_whole", "histogram_interval", "histogram_sample"], level
-        )
+        assert {k: v for k, v in kernels.items() if k != "histogram_f64_keys"} == dict.fromkeys(VECTOR_KERNELS, level)
         yield level
 
 
@@ -216,7 +215,7 @@ def test_histogram_rejects_bad_arguments_with_reasons():
     ops = torch.ops.gmt_kernels
     with pytest.raises(RuntimeError, match="unknown key_format 'f8'"):
         ops.radix_histogram(g, [0], state, hist, "f8", **GRAD_HISTOGRAM_SCHEMA_ARGS)
-    with pytest.raises(RuntimeError, match="cannot be scored exactly in key format f16"):
+    with pytest.raises(RuntimeError, match="cannot be scored by criterion 'grad' in key format f16"):
         ops.radix_histogram(g, [0], radix.initial_state([3], [10], [0], radix.KEY_FORMATS[torch.float16]), hist, "f16", **GRAD_HISTOGRAM_SCHEMA_ARGS)
     with pytest.raises(RuntimeError, match=rf"hist must be .*\[1, {radix.HIST_COLUMNS}\]"):
         ops.radix_histogram(g, [0], state, hist[:, : radix.BINS], "f32", **GRAD_HISTOGRAM_SCHEMA_ARGS)
@@ -463,3 +462,40 @@ def test_missing_extension_fails_import_with_build_instructions(monkeypatch):
         importlib.import_module("gmt_kernels.backends.cpu")
     monkeypatch.undo()
     importlib.import_module("gmt_kernels.backends.cpu")  # the real module registers "cpu" again
+
+
+@pytest.mark.parametrize("shape", [(30011, 13), (2049, 67), (200003,)])
+def test_stored_masks_of_tensors_split_over_threads(shape, capability):
+    """Masks of tensors large enough that threads split them mid-row and mid-byte (rows of 13: staged
+    as dense bits, merged atomically at range and block edges; rows of 67: runs of whole bytes and
+    partial ones; 1-D: one byte an entry), written by a random selection, then read back by a
+    refresh=false step and a select-only call, against the reference backend."""
+    from gmt_kernels import masks as stored_masks
+    from gmt_kernels import scores
+    from gmt_kernels.options import AdamWOptions, MaskSource, Scoring
+
+    gen = torch.Generator().manual_seed(21)
+    p, g, g2 = (torch.randn(shape, generator=gen) for _ in range(3))
+    scoring = Scoring("random", random_keys=torch.tensor([scores.random_key(1, 2, 0, 0)]),
+                      entry_offsets=torch.tensor([(1 << 32) - 1000]))  # a run crosses 2**32
+    thresholds = torch.tensor([float(0.4 * 2**32)], dtype=torch.float64)
+    options = AdamWOptions(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, mask_mode="freeze")
+    results = {}
+    for name, backend in (("cpu", cpu), ("reference", reference)):
+        params, moments = [p.clone()], [torch.zeros_like(p), torch.zeros_like(p)]
+        mask = [torch.full(stored_masks.mask_shape(shape), 0xA5, dtype=torch.uint8)]
+        written, read, selected = (torch.zeros(1, dtype=torch.int64) for _ in range(3))
+        backend.masked_adamw(params, [g], [moments[0]], [moments[1]], [], [torch.tensor(1.0)], written,
+                             options=options, mask=MaskSource(thresholds, scoring, mask, torch.tensor(True)))
+        before = mask[0].clone()
+        backend.masked_adamw(params, [g2], [moments[0]], [moments[1]], [],
+                             [torch.tensor(2.0)], read, options=options,
+                             mask=MaskSource(torch.tensor([0.0], dtype=torch.float64), scoring, mask, torch.tensor(False)))
+        assert torch.equal(mask[0], before)  # reading leaves the mask
+        backend.masked_adamw(params, [g], [], [], [], [], selected, options=options,
+                             mask=MaskSource(thresholds, scoring, mask, None, update_params=False))
+        results[name] = (mask[0], params[0], written, read, selected)
+    ours, expected = results["cpu"], results["reference"]
+    assert torch.equal(ours[0], expected[0])
+    torch.testing.assert_close(ours[1], expected[1])  # the update agrees to fp32 rounding (kept entries only)
+    assert ours[2].item() == ours[3].item() == ours[4].item() == expected[2].item() > 0

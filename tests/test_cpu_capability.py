@@ -17,7 +17,9 @@ import gmt_kernels
 from gmt_kernels.backends import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VECTOR_KERNELS = ["masked_adamw", "histogram_whole", "histogram_interval", "histogram_sample"]
+VECTOR_KERNELS = ["masked_adamw", "histogram_whole", "histogram_interval", "histogram_sample",
+                  "histogram_grad_over_weight", "histogram_random", "masked_adamw_grad_over_weight",
+                  "masked_adamw_random", "masked_adamw_stored_mask"]
 
 
 def expected_levels() -> list[str]:

@@ -21,8 +21,44 @@ from gmt_kernels.options import GRAD, AdamWOptions, MaskSource, Scoring
 from oracle import (adamw_oracle, criterion_keys, criterion_scores, histogram_oracle, kth_largest, pack_mask_numpy,
                     unpack_mask_numpy)
 
+
+
+def cpu_at_each_level() -> list:
+    """"cpu@<level>" for every CPU capability level this CPU and build run (the C++ kernels have a
+    variant per level); plain "cpu" (failing loudly in resolve) when the extension is missing."""
+    try:
+        from gmt_kernels.backends import cpu
+    except ImportError:
+        return ["cpu"]
+    return [f"cpu@{level}" for level in cpu.supported_capabilities()]
+
+
 # The backends whose kernels implement every criterion (the others refuse them with a RuntimeError).
-CRITERIA_BACKENDS = ["reference"]
+CRITERIA_BACKENDS = ["reference", *cpu_at_each_level()]
+
+
+def backend_of(backend_name):
+    return resolve(backend_name.split("@")[0], torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_level(request):
+    """Runs a "cpu@<level>" case at that level, after checking that every criterion kernel's
+    dispatch takes it (as the C++ side reports it)."""
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("backend_name", "") if callspec else ""
+    if "@" not in name:
+        yield
+        return
+    from gmt_kernels.backends import cpu
+
+    level = name.split("@")[1]
+    with cpu.use_cpu_capability(level):
+        kernels = cpu.kernel_capabilities()
+        assert {k: v for k, v in kernels.items() if "grad_over_weight" in k or "random" in k or "stored" in k} == \
+            dict.fromkeys(["histogram_grad_over_weight", "histogram_random", "masked_adamw_grad_over_weight",
+                           "masked_adamw_random", "masked_adamw_stored_mask"], level)
+        yield
 
 SHAPES = [(1,), (7,), (3, 5, 7), (130,), (2, 67), ()]
 SEED = 12345
@@ -124,7 +160,7 @@ def test_histogram_matches_oracle(backend_name, case, variant):
         state[1, radix.LAST] = min(fmt.key_max, lo + (radix.BINS << 2) - 1)
     if variant == "sampled":  # hash-picked blocks of 64 entries (the larger tensors span several)
         state[0, radix.SAMPLE], state[1, radix.SAMPLE] = 1, 2
-    backend = resolve(backend_name, torch.device("cpu"), torch.float32)
+    backend = backend_of(backend_name)
     hist = torch.full((3, radix.HIST_COLUMNS), 0, dtype=torch.int64)
     backend.radix_histogram(grads, scope_of, state, hist, key_format=fmt, scoring=scoring_for(criterion, thetas))
     expected = histogram_oracle(keys, scope_of, state, bins=radix.BINS, inf_key=fmt.inf_key)
@@ -151,7 +187,7 @@ def test_pass_loop_finds_the_kth_largest_score(backend_name, case, sampled):
     state = radix.initial_state(ks, numels, [0, 0], fmt)
     if sampled:  # small scopes never sample by themselves; force a sampled first pass
         state[:, radix.SAMPLE] = 1
-    backend = resolve(backend_name, torch.device("cpu"), torch.float32)
+    backend = backend_of(backend_name)
     scoring = scoring_for(criterion, thetas)
     for _ in range(fmt.passes(sampled)):
         hist = torch.zeros(2, radix.HIST_COLUMNS, dtype=torch.int64)
@@ -208,7 +244,7 @@ def oracle_keep(all_scores, thresholds, shapes):
 
 def run_update(backend_name, criterion, params, grads, moments, vmax, steps, thresholds, *, mask_mode,
                masks=(), refresh=None, update_params=True, skip=None):
-    backend = resolve(backend_name, torch.device("cpu"), params[0].dtype)
+    backend = backend_of(backend_name)
     kept = torch.full((len(params),), 3, dtype=torch.int64)
     scoring = scoring_for(criterion, params)
     if criterion == "grad_over_weight":  # masked_adamw reads theta from params

@@ -90,27 +90,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype):
     return None
 
 
-def _require_grad_criterion(scoring, masks=(), update_params=True, refresh=None) -> None:
-    """The C++ kernels score |g| only so far (SEMANTICS.md section 8 is on its way): refuse the rest."""
-    if scoring.criterion != "grad":
-        raise RuntimeError(
-            f"backend 'cpu' does not support criterion {scoring.criterion!r} yet; use backend='reference' "
-            "for it, or criterion='grad'."
-        )
-    if masks or refresh is not None or not update_params:
-        raise RuntimeError(
-            "backend 'cpu' does not support stored masks (refresh_every != 1, select_mask) yet; use "
-            "backend='reference' for them, or refresh_every=1."
-        )
-
-
 def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD):
-    _require_grad_criterion(scoring)
     _OPS.radix_histogram(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
 
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask):
-    _require_grad_criterion(mask.scoring, mask.masks, mask.update_params, mask.refresh)
     _OPS.masked_adamw(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
         mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args(),
