@@ -175,7 +175,8 @@ def test_report_and_throughput_run_end_to_end(tiny, tmp_path):
     report.write_report(json.loads(json.dumps(out)), tmp_path / "r")
     text = (tmp_path / "r.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| GMT global r=0.3 |")]
-    assert len(rows) == 1 and "Quick pilot" in text and "naive GMT" in text
+    # one row in the arm table, one in the cost table (backend as asked: "auto")
+    assert len(rows) == 2 and rows[1].startswith("| GMT global r=0.3 | auto |") and "Quick pilot" in text and "naive GMT" in text
     deltas = {r["seed"]: r["metrics"]["mrr@10"] for r in out["runs"] if r["arm"] == "GMT global r=0.3"}
     base = {r["seed"]: r["metrics"]["mrr@10"] for r in out["runs"] if r["arm"] == "AdamW"}
     assert f"{deltas[0] - base[0]:+.4f}, {deltas[1] - base[1]:+.4f}" in rows[0]
