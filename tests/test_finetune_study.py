@@ -170,7 +170,8 @@ def test_report_and_throughput_run_end_to_end(tiny, tmp_path):
            "runs": [run_arm(a, model, d, TrainConfig(**{**cfg.to_dict(), "seed": s}))
                     for s in (0, 1) for a in arms if a.make_optimizer or s == 0]}
     out["throughput"] = measure(model, d, cfg, rounds=2)
-    assert [t["optimizer"] for t in out["throughput"]] == ["AdamW(fused=True)", "GMTAdamW r=0.3", "naive GMT r=0.3"]
+    assert [t["optimizer"] for t in out["throughput"]] == ["AdamW(fused=True)", "GMTAdamW r=0.3", "naive GMT r=0.3",
+                                                          "GMTAdamW random r=0.3"]
     assert out["throughput"][0]["step_vs_adamw"] == 1.0
     report.write_report(json.loads(json.dumps(out)), tmp_path / "r")
     text = (tmp_path / "r.md").read_text()

@@ -146,24 +146,21 @@ def markdown(out: dict) -> str:
     if rows:
         lines += _arm_table(rows)
     lines += _cost_table(out)
-    throughput, source = out.get("throughput"), ""
-    if throughput is None and out.get("throughput_file"):
-        throughput, source = out["throughput_file"]["rows"], out["throughput_file"]["note"]
-    if throughput:
-        out = {**out, "throughput": throughput}
+    tables = [(out["throughput"], "")] if out.get("throughput") else [(f["rows"], f["note"]) for f in out.get("throughput_files", [])]
+    for throughput, source in tables:
         lines += ["", "Training step, interleaved, median (the paper's Table 3)" + (f" — {source}" if source else "") + ":", "",
                   "| optimizer | step s (median, min-max) | optimizer step ms | samples/s | step / AdamW fused |",
                   "|---|---|---|---|---|"]
-        for t in out["throughput"]:
+        for t in throughput:
             lines.append(f"| {t['optimizer']} | {t['step_s_median']:.3f} ({t['step_s_min']:.3f}-{t['step_s_max']:.3f}) | "
                          f"{t['opt_ms_median']:.1f} | {t['samples_per_s']:.2f} | {t['step_vs_adamw']:.3f}x |")
-        base = out["throughput"][0]
+        base = throughput[0]
         lines += ["", "Target (issue 13): GMTAdamW's whole training step within 2 % of AdamW(fused=True)'s. Whole-step "
                   "medians move with the machine's load; the optimizer's own time, measured inside the same steps, is "
                   "the steadier part: "
                   + "; ".join(f"{t['optimizer']} adds {t['opt_ms_median'] - base['opt_ms_median']:.0f} ms per step over "
                               f"{base['optimizer']}, {100 * (t['opt_ms_median'] - base['opt_ms_median']) / 1e3 / base['step_s_median']:.1f} % "
-                              "of its whole step" for t in out["throughput"][1:]) + "."]
+                              "of its whole step" for t in throughput[1:]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -253,16 +250,18 @@ def plot(out: dict, stem: Path) -> list[Path]:
 
 
 def attach_throughput(out: dict, stem: Path) -> dict:
-    """A study run with --no-timing takes its samples/s table from <name>_throughput.json beside it
-    (python -m examples.finetune.study --timing-only), saying where it came from."""
-    side = stem.with_name(stem.name + "_throughput.json")
-    if "throughput" in out or not side.exists():
+    """A study run with --no-timing takes its samples/s tables from <name>_throughput*.json beside it
+    (python -m examples.finetune.study --timing-only [--name <name>_...]), saying where each came from."""
+    if "throughput" in out:
         return out
-    t = json.loads(side.read_text())
-    m, cfg = t["meta"]["machine"], t["meta"].get("config", {})
-    note = (f"from {side.name}: {cfg.get('batch_size')} pairs x {t['meta'].get('max_len')} tokens, {m['threads']} torch "
-            f"thread(s), load average {' '.join(m.get('loadavg_at_start') or [])}")
-    return {**out, "throughput_file": {"rows": t["throughput"], "note": note}}
+    files = []
+    for side in sorted(stem.parent.glob(stem.name + "_*throughput.json")):
+        t = json.loads(side.read_text())
+        m, cfg = t["meta"]["machine"], t["meta"].get("config", {})
+        note = (f"from {side.name}: {cfg.get('batch_size')} pairs x {t['meta'].get('max_len')} tokens, {m['threads']} torch "
+                f"thread(s), load average at start {' '.join(m.get('loadavg_at_start') or [])}")
+        files.append({"rows": t["throughput"], "note": note})
+    return {**out, "throughput_files": files} if files else out
 
 
 def write_report(out: dict, stem: Path) -> None:
