@@ -89,6 +89,39 @@ def _arm_table(rows) -> list[str]:
     return lines
 
 
+# (A, B): A's MRR@10 minus B's of the same seed, for the paper's claims: GMT against a random mask of
+# the same size, and against the fixed masks (same size: skip-emb at 0.3 keeps 70 % of the
+# non-embedding entries in each)
+COMPARISONS = [
+    ("GMT global r=0.3 skip-emb", "random r=0.3 skip-emb redrawn"),
+    ("GMT global r=0.3 skip-emb", "random r=0.3 skip-emb fixed"),
+    ("GMT global r=0.3", "random r=0.3 redrawn"),
+    ("GMT global r=0.3 skip-emb", "GaLLoP r=0.3 skip-emb"),
+    ("GMT global r=0.3 skip-emb", "SAFT top-|g| r=0.3 skip-emb"),
+    ("random r=0.3 skip-emb redrawn", "random r=0.3 skip-emb fixed"),
+]
+
+
+def _comparison_table(out: dict) -> list[str]:
+    by = {}
+    for r in out["runs"]:
+        by.setdefault(r["arm"], {})[r["seed"]] = r["metrics"]["mrr@10"]
+    lines = []
+    for a, b in COMPARISONS:
+        if a not in by or b not in by:
+            continue
+        d = {s: by[a][s] - by[b][s] for s in sorted(set(by[a]) & set(by[b]))}
+        if not d:
+            continue
+        mean, sd, t = paired(d)
+        if not lines:
+            lines = ["", "Paired comparisons between arms (A's test MRR@10 minus B's, same seed):", "",
+                     "| A | B | per seed | mean ± sd | t |", "|---|---|---|---|---|"]
+        lines.append(f"| {a} | {b} | {', '.join(f'{v:+.4f}' for v in d.values())} | {mean:+.4f}"
+                     + ("" if sd is None else f" ± {sd:.4f}") + f" | {'-' if t is None else format(t, '+.1f')} |")
+    return lines
+
+
 def _cost_table(out: dict) -> list[str]:
     """Per arm, from the study's own runs: median whole step and optimizer step (not interleaved, so
     the whole step moves with the machine's load; the optimizer's time is the steadier part)."""
@@ -145,6 +178,7 @@ def markdown(out: dict) -> str:
                   + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in zip(s["grid"], s["val_mrr@10"])) + f"; chosen {s['chosen']:g}.", ""]
     if rows:
         lines += _arm_table(rows)
+    lines += _comparison_table(out)
     lines += _cost_table(out)
     tables = [(out["throughput"], "")] if out.get("throughput") else [(f["rows"], f["note"]) for f in out.get("throughput_files", [])]
     for throughput, source in tables:
@@ -184,6 +218,7 @@ def plot(out: dict, stem: Path) -> list[Path]:
 
     fig, (ax, dx, kx) = plt.subplots(1, 3, figsize=(16, 4.6))
     adamw = next((r for r in rows if r["arm"] == "AdamW"), None)
+    m = statistics.fmean(adamw["mrr"]) if adamw else 0.0
     if adamw:
         m = statistics.fmean(adamw["mrr"])
         sd = statistics.stdev(adamw["mrr"]) if len(adamw["mrr"]) > 1 else 0.0
@@ -194,23 +229,30 @@ def plot(out: dict, stem: Path) -> list[Path]:
         ax.axhline(zero["mrr"][0], color="gray", ls="--", lw=1, label="zero-shot")
     dx.axhline(0.0, color="tab:blue", lw=1)
     sd_of = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-    markers = iter("sD^vP*X")
+    markers = iter("sD^vP*Xhp<>d")
+    placed: dict = {}
     for family in dict.fromkeys(r["family"] for r in rows):
         if family in ("zero-shot", "adamw"):
             continue
-        fam = [r for r in rows if r["family"] == family and r["mask_ratio"] is not None]
+        fam = sorted((r for r in rows if r["family"] == family and r["mask_ratio"] is not None and r["delta"]),
+                     key=lambda r: r["mask_ratio"])
         # GMT global is a line over mask ratios; every other arm is its own marker
         groups = [("GMT global", fam, "o", "-")] if family == "gmt-global" else [(r["arm"], [r], next(markers, "o"), "none") for r in fam]
         for label, members, marker, ls in groups:
             xs = [r["mask_ratio"] for r in members]
-            ax.errorbar(xs, [statistics.fmean(r["mrr"]) for r in members], yerr=[sd_of(r["mrr"]) for r in members],
-                        marker=marker, ls=ls, capsize=3, label=label)
+            if ls == "none":  # single arms sharing a ratio side by side, not on top of each other
+                xs = [x + 0.012 * placed.setdefault(x, []).__len__() for x in xs]
+                for x in members:
+                    placed[x["mask_ratio"]].append(x["arm"])
             deltas = [list(r["delta"].values()) for r in members]
-            if all(deltas):
-                dx.errorbar(xs, [statistics.fmean(d) for d in deltas], yerr=[sd_of(d) for d in deltas],
-                            marker=marker, ls=ls, capsize=3, label=label)
+            # level = AdamW's mean over all its seeds + the arm's mean paired difference: arms run on fewer
+            # seeds stay comparable (their own raw mean would carry their seeds' luck)
+            ax.errorbar(xs, [m + statistics.fmean(d) for d in deltas], yerr=[sd_of(d) for d in deltas],
+                        marker=marker, ls=ls, capsize=3, label=label)
+            dx.errorbar(xs, [statistics.fmean(d) for d in deltas], yerr=[sd_of(d) for d in deltas],
+                        marker=marker, ls=ls, capsize=3, label=label)
     ax.set_xlabel("mask ratio (fraction of entries not updated per step)")
-    ax.set_ylabel("test MRR@10")
+    ax.set_ylabel("test MRR@10: AdamW mean + paired Δ (± sd of Δ)")
     ax.set_title("MRR@10 against mask ratio" + title, fontsize=10)
     ax.legend(fontsize=7)
     dx.set_xlabel("mask ratio")
@@ -233,15 +275,37 @@ def plot(out: dict, stem: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in dict.fromkeys(r["arm"] for r in out["runs"] if "history" in r):
-        losses = [r["history"]["loss"] for r in out["runs"] if r["arm"] == name]
-        mean = [statistics.fmean(step) for step in zip(*losses)]
-        ax.plot(range(1, len(mean) + 1), _smooth(mean, max(1, len(mean) // 10)), label=name, lw=1.2)
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, 4.6))
+    hist = {}
+    for r in out["runs"]:
+        if "history" in r:
+            hist.setdefault(r["arm"], {})[r["seed"]] = r["history"]["loss"]
+    base = hist.get("AdamW", {})
+    # arms whose training is AdamW's (one-off drop: reused, or the same losses) add nothing to a loss plot
+    same = [a for a, h in hist.items() if a != "AdamW" and all(s in base and h[s] == base[s] for s in h)]
+    arms_ = [a for a in hist if a not in same]
+    # the left panel: arms run on 3 seeds or more, averaged over the seeds they all share
+    left = [a for a in arms_ if len(hist[a]) >= 3]
+    common = sorted(set.intersection(*(set(hist[a]) for a in left))) if left else []
+    for name in arms_:
+        if common and name in left:
+            mean = [statistics.fmean(step) for step in zip(*(hist[name][s] for s in common))]
+            ax.plot(range(1, len(mean) + 1), _smooth(mean, max(1, len(mean) // 10)), label=name, lw=1.2)
+        if name != "AdamW" and base:
+            diffs = [[x - y for x, y in zip(hist[name][s], base[s])] for s in hist[name] if s in base]
+            mean = [statistics.fmean(step) for step in zip(*diffs)]
+            dx.plot(range(1, len(mean) + 1), _smooth(mean, max(1, len(mean) // 10)),
+                    label=f"{name} ({len(diffs)} seeds)", lw=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("training InfoNCE loss (mean over seeds, moving average)")
-    ax.set_title("Training curves" + title, fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("training InfoNCE loss (moving average)")
+    ax.set_title(f"Training curves, arms with 3+ seeds, mean over seeds {common}" + title, fontsize=9)
+    ax.legend(fontsize=6)
+    dx.axhline(0.0, color="tab:blue", lw=1)
+    dx.set_xlabel("step")
+    dx.set_ylabel("loss minus AdamW's of the same seed and step (moving average)")
+    dx.set_title("Paired loss difference from AdamW (mean over each arm's seeds)"
+                 + (f"\nidentical to AdamW, not drawn: {', '.join(same)}" if same else ""), fontsize=8)
+    dx.legend(fontsize=6)
     fig.tight_layout()
     paths.append(stem.with_name(stem.name + "_curves.png"))
     fig.savefig(paths[-1], dpi=110)
