@@ -26,12 +26,21 @@ def _after_note(rs) -> str:
             "runs; the kept-fraction column is its AdamW training's)")
 
 
+def _ordered(names) -> list:
+    """Arm names in arms.default_arms() order (runs of a study made in parts come in any order);
+    names it does not know last, as they came."""
+    from .arms import default_arms
+
+    rank = {a.name: i for i, a in enumerate(default_arms())}
+    return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+
 def summarise(out: dict) -> list[dict]:
     """One row per arm: metrics over seeds and the paired difference from AdamW of the same seed."""
     runs = out["runs"]
     adamw = {r["seed"]: r["metrics"]["mrr@10"] for r in runs if r["arm"] == "AdamW"}
     rows = []
-    for name in dict.fromkeys(r["arm"] for r in runs):
+    for name in _ordered(dict.fromkeys(r["arm"] for r in runs)):
         rs = [r for r in runs if r["arm"] == name]
         mrr = [r["metrics"]["mrr@10"] for r in rs]
         deltas = {r["seed"]: r["metrics"]["mrr@10"] - adamw[r["seed"]] for r in rs if r["seed"] in adamw}
@@ -74,7 +83,7 @@ def _arm_table(rows) -> list[str]:
                      f"{fmt(t, '+.1f')} | {fmt(r['kept'], '.3f')} | {fmt(r['zero_grad'], '.3f')} | {fmt(r['final_loss'], '.3f')} |")
     lines += ["", "t: mean Δ / (sd of Δ / sqrt(seeds)), the paired t statistic (with 3 seeds, |t| > 4.3 is p < 0.05 two-sided; "
               "with 2 seeds, |t| > 12.7).", "kept fraction: entries updated with their gradient per step, over all trainable entries (mean of "
-              "mask_stats() over steps; a mask_ratio=0 group counts as kept). exactly-zero grads: fraction of gradient "
+              "mask_stats() over steps; a mask_ratio=0 group counts as kept). final loss: mean of the last tenth of the steps, over the arm's own seeds (compare arms on the same seeds only). exactly-zero grads: fraction of gradient "
               "entries that are exactly 0 (mean over steps); where it exceeds mask_ratio, scope='global' has threshold 0 "
               "and keeps every entry."]
     noted = [r for r in rows if r["notes"]]
@@ -134,7 +143,7 @@ def _cost_table(out: dict) -> list[str]:
              "interleaved, the machine's load moved between them):", "",
              "| arm | backend | whole step s | optimizer step ms | optimizer ms over AdamW's | that, as % of AdamW's whole step |",
              "|---|---|---|---|---|---|"]
-    for name in dict.fromkeys(r["arm"] for r in runs):
+    for name in _ordered(dict.fromkeys(r["arm"] for r in runs)):
         rs = [r for r in runs if r["arm"] == name]
         step = statistics.median(r["step_s_median"] for r in rs)
         opt = statistics.median(r["opt_s_median"] for r in rs)
