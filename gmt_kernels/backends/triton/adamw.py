@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .histogram import TORCH_TO_TRITON
-from .scoring import (CRITERIA, div_rn, eps_from_bits, float64_bits, narrow, random_key_halves, random_u, weight_score,
-                      widen)
+from .scoring import (CRITERIA, check_random_inputs, div_rn, eps_from_bits, float64_bits, narrow, random_key_halves,
+                      random_u, weight_score, widen)
 from .. import memory_order_view
 from ...masks import mask_rows, mask_shape
 from .tables import cached_plan, is_aligned, launch_table
@@ -428,13 +428,7 @@ def _check_mask_source(mask, n: int) -> None:
     if scoring.criterion == "random":
         if mask.thresholds.dtype != torch.float64:
             raise ValueError("masked_adamw: criterion 'random' compares u with float64 thresholds (u32 key format).")
-        for name in ("random_keys", "entry_offsets"):
-            value = getattr(scoring, name)
-            if value is None or value.dtype != torch.int64 or value.dim() != 1 or value.numel() < n:
-                raise ValueError(
-                    f"masked_adamw: criterion 'random' needs {name} as an int64 tensor of one value per tensor ({n}); "
-                    f"got {None if value is None else (value.dtype, tuple(value.shape))}."
-                )
+        check_random_inputs(scoring, n, "masked_adamw")
     if mask.refresh is not None and not mask.masks:
         raise ValueError("masked_adamw: refresh says whether to write or read the stored masks; it needs masks "
                          "(one uint8 tensor per parameter).")

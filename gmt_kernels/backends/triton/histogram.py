@@ -32,7 +32,7 @@ import triton.language as tl
 from ... import radix
 from ...radix import KeyFormat
 from .. import memory_order_view
-from .scoring import CRITERIA, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
+from .scoring import CRITERIA, check_random_inputs, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
 from .tables import cached_plan, is_aligned, launch_table, sample_list
 
 # 16 warps x 8 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
@@ -410,13 +410,7 @@ def _check_scoring(scoring, key_format: KeyFormat, n: int) -> None:
             f"{key_format.name!r}; take the key format the frontend picks for it (radix.py)."
         )
     if criterion == "random":
-        for name in ("random_keys", "entry_offsets"):
-            value = getattr(scoring, name)
-            if value is None or value.dtype != torch.int64 or value.dim() != 1 or value.numel() < n:
-                raise ValueError(
-                    f"radix_histogram: criterion 'random' needs {name} as an int64 tensor of one value per "
-                    f"tensor ({n}); got {None if value is None else (value.dtype, tuple(value.shape))}."
-                )
+        check_random_inputs(scoring, n, "radix_histogram")
 
 
 def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat, scoring) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import struct
 
+import torch
 import triton
 import triton.language as tl
 
@@ -59,6 +60,17 @@ def div_rn(x, y):
         return x / y  # float64 division is always IEEE
     else:
         return tl.math.div_rn(x, y)
+
+
+def check_random_inputs(scoring, n: int, op: str) -> None:
+    """The random criterion's per-tensor inputs, as both kernels read them: int64, one per tensor."""
+    for name in ("random_keys", "entry_offsets"):
+        value = getattr(scoring, name)
+        if value is None or value.dtype != torch.int64 or value.dim() != 1 or value.numel() < n:
+            raise ValueError(
+                f"{op}: criterion 'random' needs {name} as an int64 tensor of one value per tensor ({n}); "
+                f"got {None if value is None else (value.dtype, tuple(value.shape))}."
+            )
 
 
 def float64_bits(x: float) -> int:
