@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 
+def _md(text: str) -> str:
+    """An arm name inside a markdown table cell ("SAFT top-|g|" holds pipes)."""
+    return text.replace("|", "\\|")
+
+
 def _mean_sd(xs) -> str:
     if not xs:
         return "-"
@@ -79,7 +84,7 @@ def _arm_table(rows) -> list[str]:
         per_seed = ", ".join(f"{d[s]:+.4f}" for s in sorted(d)) or "-"
         mean, sd, t = paired(d)
         mean_delta = "-" if mean is None else f"{mean:+.4f}" + ("" if sd is None else f" ± {sd:.4f}")
-        lines.append(f"| {r['arm']} | {len(r['seeds'])} | {_mean_sd(r['mrr'])} | {_mean_sd(r['r1'])} | {per_seed} | {mean_delta} | "
+        lines.append(f"| {_md(r['arm'])} | {len(r['seeds'])} | {_mean_sd(r['mrr'])} | {_mean_sd(r['r1'])} | {per_seed} | {mean_delta} | "
                      f"{fmt(t, '+.1f')} | {fmt(r['kept'], '.3f')} | {fmt(r['zero_grad'], '.3f')} | {fmt(r['final_loss'], '.3f')} |")
     lines += ["", "t: mean Δ / (sd of Δ / sqrt(seeds)), the paired t statistic (with 3 seeds, |t| > 4.3 is p < 0.05 two-sided; "
               "with 2 seeds, |t| > 12.7).", "kept fraction: entries updated with their gradient per step, over all trainable entries (mean of "
@@ -126,7 +131,7 @@ def _comparison_table(out: dict) -> list[str]:
         if not lines:
             lines = ["", "Paired comparisons between arms (A's test MRR@10 minus B's, same seed):", "",
                      "| A | B | per seed | mean ± sd | t |", "|---|---|---|---|---|"]
-        lines.append(f"| {a} | {b} | {', '.join(f'{v:+.4f}' for v in d.values())} | {mean:+.4f}"
+        lines.append(f"| {_md(a)} | {_md(b)} | {', '.join(f'{v:+.4f}' for v in d.values())} | {mean:+.4f}"
                      + ("" if sd is None else f" ± {sd:.4f}") + f" | {'-' if t is None else format(t, '+.1f')} |")
     return lines
 
@@ -150,7 +155,7 @@ def _cost_table(out: dict) -> list[str]:
         backend = ", ".join(sorted({str(r.get("backend", "-")) for r in rs}))
         extra = "-" if not base else f"{1e3 * (opt - statistics.median(base)):+.0f}"
         share = "-" if not base else f"{100 * (opt - statistics.median(base)) / statistics.median(base_step):+.1f} %"
-        lines.append(f"| {name} | {backend} | {step:.2f} | {1e3 * opt:.0f} | {extra} | {share} |")
+        lines.append(f"| {_md(name)} | {backend} | {step:.2f} | {1e3 * opt:.0f} | {extra} | {share} |")
     if any("backend" not in r for r in runs):
         lines += ["", "backend '-': not recorded (runs made before the study recorded it; their GMTAdamW used "
                   "backend='auto', the C++ kernels here)."]
@@ -178,7 +183,7 @@ def markdown(out: dict) -> str:
                   "| started (UTC) | arms | minutes | load average at start | threads |", "|---|---|---|---|---|"]
         for p_ in parts:
             pm = p_.get("machine", {})
-            lines.append(f"| {p_['started']} | {', '.join(p_.get('arms', []))} | {p_.get('duration_s', 0) / 60:.1f} | "
+            lines.append(f"| {p_['started']} | {_md(', '.join(p_.get('arms', [])))} | {p_.get('duration_s', 0) / 60:.1f} | "
                          f"{' '.join(pm.get('loadavg_at_start') or [])} | {pm.get('threads')} |")
         lines += [""]
     if "lr_sweep" in out:
@@ -220,6 +225,9 @@ def plot(out: dict, stem: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    # up to 20 arms: the default 10-colour cycle would give two arms one colour
+    plt.rcParams["axes.prop_cycle"] = matplotlib.cycler(color=plt.get_cmap("tab20").colors)
 
     rows = summarise(out)
     title = " (quick pilot: not a result)" if out["meta"].get("quick") else ""

@@ -225,8 +225,12 @@ def save(path: Path, out: dict) -> None:
             disk = json.loads(path.read_text())
             have = {(r["arm"], r["seed"]) for r in out["runs"]}
             out["runs"] += [r for r in disk.get("runs", []) if (r["arm"], r["seed"]) not in have]
+            # a part's record only grows (duration_s): keep the newer of the disk's and ours, since another
+            # process's part is stale in our copy
             parts = {p["started"]: p for p in disk.get("meta", {}).get("parts", [])}
-            parts.update({p["started"]: p for p in out["meta"].get("parts", [])})
+            for p in out["meta"].get("parts", []):
+                if p.get("duration_s", 0.0) >= parts.get(p["started"], {}).get("duration_s", 0.0):
+                    parts[p["started"]] = p
             out["meta"]["parts"] = sorted(parts.values(), key=lambda p: p["started"])
             for key in ("lr_sweep", "throughput"):
                 if key in disk and key not in out:
