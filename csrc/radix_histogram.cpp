@@ -265,6 +265,14 @@ enum class Keys32 {
 // Keys not below 2**31 exist (u32): compares must be unsigned, and none is non-finite.
 constexpr bool unsigned_keys(Keys32 kind) { return kind == Keys32::kRandom; }
 
+// The grad_over_weight kinds, and the type each reads g and theta in.
+constexpr bool over_weight_keys(Keys32 kind) {
+  return kind == Keys32::kOverWeightFloat || kind == Keys32::kOverWeightBFloat16 || kind == Keys32::kOverWeightHalf;
+}
+template <Keys32 KIND>
+using OverWeightParam = std::conditional_t<KIND == Keys32::kOverWeightFloat, float,
+                                           std::conditional_t<KIND == Keys32::kOverWeightHalf, simd::F16, simd::BF16>>;
+
 Keys32 keys32_kind(at::ScalarType dtype, const std::string& format, Criterion criterion) {
   using at::ScalarType;
   if (criterion == Criterion::kRandom) return format == "u32" ? Keys32::kRandom : Keys32::kNone;
@@ -293,9 +301,7 @@ inline auto keys_of(const KeySrc& s) {
   if constexpr (KIND == Keys32::kSameWidth16) return GradKeys<uint16_t, KeySameWidth16>{reinterpret_cast<const uint16_t*>(s.g), {}};
   if constexpr (KIND == Keys32::kBFloat16InF32) return GradKeys<uint16_t, KeyBFloat16InF32>{reinterpret_cast<const uint16_t*>(s.g), {}};
   if constexpr (KIND == Keys32::kHalfInF32) return GradKeys<uint16_t, KeyHalfInF32>{reinterpret_cast<const uint16_t*>(s.g), {}};
-  if constexpr (KIND == Keys32::kOverWeightFloat) return OverWeightKeys32<float>{s};
-  if constexpr (KIND == Keys32::kOverWeightBFloat16) return OverWeightKeys32<simd::BF16>{s};
-  if constexpr (KIND == Keys32::kOverWeightHalf) return OverWeightKeys32<simd::F16>{s};
+  if constexpr (over_weight_keys(KIND)) return OverWeightKeys32<OverWeightParam<KIND>>{s};
   if constexpr (KIND == Keys32::kRandom) return RandomKeys{s};
 }
 
@@ -379,10 +385,8 @@ GMT_INLINE __m256i load_keys(const KeySrc& s, int64_t i) {
   if constexpr (KIND == Keys32::kRandom) {
     using U = simd::avx2::U32;
     return U::hash(U::from(s.low + uint32_t(i)), U::set1(s.t));
-  } else if constexpr (KIND == Keys32::kOverWeightFloat || KIND == Keys32::kOverWeightBFloat16 ||
-                       KIND == Keys32::kOverWeightHalf) {
-    using P = std::conditional_t<KIND == Keys32::kOverWeightFloat, float,
-                                 std::conditional_t<KIND == Keys32::kOverWeightHalf, simd::F16, simd::BF16>>;
+  } else if constexpr (over_weight_keys(KIND)) {
+    using P = OverWeightParam<KIND>;
     const __m256 score = over_weight_scores<P>(s, i);  // a NaN lane: all ones, then the sign cleared
     const __m256 nan = _mm256_cmp_ps(score, score, _CMP_UNORD_Q);
     return _mm256_and_si256(_mm256_castps_si256(_mm256_or_ps(score, nan)), _mm256_set1_epi32(0x7fffffff));
@@ -523,10 +527,8 @@ GMT_INLINE __m512i load_keys(const KeySrc& s, int64_t i, __mmask16 valid) {
   if constexpr (KIND == Keys32::kRandom) {
     using U = simd::avx512::U32;
     return U::hash(U::from(s.low + uint32_t(i)), U::set1(s.t));
-  } else if constexpr (KIND == Keys32::kOverWeightFloat || KIND == Keys32::kOverWeightBFloat16 ||
-                       KIND == Keys32::kOverWeightHalf) {
-    using P = std::conditional_t<KIND == Keys32::kOverWeightFloat, float,
-                                 std::conditional_t<KIND == Keys32::kOverWeightHalf, simd::F16, simd::BF16>>;
+  } else if constexpr (over_weight_keys(KIND)) {
+    using P = OverWeightParam<KIND>;
     using F = simd::avx512::F32;
     const __m512 g = load_floats<P>(s.g, i, valid), w = load_floats<P>(s.w, i, valid);
     const __m512 score = _mm512_div_ps(F::abs(g), _mm512_add_ps(F::abs(w), _mm512_set1_ps(s.eps32)));
@@ -630,10 +632,8 @@ GMT_INLINE uint32x4_t load_keys(const KeySrc& s, int64_t i) {
   if constexpr (KIND == Keys32::kRandom) {
     using U = simd::neon::U32;
     return U::hash(U::from(s.low + uint32_t(i)), U::set1(s.t));
-  } else if constexpr (KIND == Keys32::kOverWeightFloat || KIND == Keys32::kOverWeightBFloat16 ||
-                       KIND == Keys32::kOverWeightHalf) {
-    using P = std::conditional_t<KIND == Keys32::kOverWeightFloat, float,
-                                 std::conditional_t<KIND == Keys32::kOverWeightHalf, simd::F16, simd::BF16>>;
+  } else if constexpr (over_weight_keys(KIND)) {
+    using P = OverWeightParam<KIND>;
     using F = simd::neon::F32;
     const float32x4_t g = F::load(reinterpret_cast<const P*>(s.g) + i), w = F::load(reinterpret_cast<const P*>(s.w) + i);
     const float32x4_t score = vdivq_f32(F::abs(g), vaddq_f32(F::abs(w), vdupq_n_f32(s.eps32)));
