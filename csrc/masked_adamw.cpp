@@ -109,8 +109,12 @@ uint64_t score_word_as(const P* g, const P* theta, int count, C threshold, C eps
 
 inline uint64_t stored_word(const uint8_t* bytes, int count) {
   uint64_t word = 0;
+  if (count == 64) {  // a fixed-size copy is one load; the variable one below is a libc call
+    std::memcpy(&word, bytes, 8);
+    return word;
+  }
   std::memcpy(&word, bytes, size_t((count + 7) / 8));
-  return count == 64 ? word : word & ((uint64_t(1) << count) - 1);
+  return word & ((uint64_t(1) << count) - 1);
 }
 
 static_assert(sizeof(c10::BFloat16) == 2 && sizeof(c10::Half) == 2, "16-bit float storage");

@@ -101,6 +101,7 @@ GMT_INLINE int64_t update_lanes(const Piece& piece, int64_t& i, int64_t end, con
   const R bias_correction2_sqrt = V::set1(c.bias_correction2_sqrt), grad_scale = V::set1(c.grad_scale);
   const R sign = V::set1(c.sign);
   int64_t kept = 0;
+  uint64_t word = bits.word, out = bits.out;  // in registers for the loop, not behind a reference
   for (; i + V::W <= end; i += V::W) {
     const R raw = V::load(g + i);
     const int bit = int(i & 63);
@@ -108,20 +109,20 @@ GMT_INLINE int64_t update_lanes(const Piece& piece, int64_t& i, int64_t end, con
     if constexpr (FROM_WORD) {
       if (bit == 0) {
         const int count = int(std::min<int64_t>(64, piece.n - i));
-        bits.word = rule.kind == KeepKind::kStored
+        word = rule.kind == KeepKind::kStored
                         ? stored_word(piece.read_bits + i / 8, count)
                         : keep_word<V, P>(rule, g + i, p + i, nullptr, piece.entry + uint64_t(i), count);
       }
-      keep = V::template from_bits<P>(uint32_t(bits.word >> bit));
+      keep = V::template from_bits<P>(uint32_t(word >> bit));
     } else {
       keep = V::or_(V::ge(V::abs(raw), threshold), V::isnan(raw));  // NaN counts as the largest score
     }
     kept += V::count(keep);
     if (write != nullptr) {
-      bits.out |= uint64_t(V::template to_bits<P>(keep)) << bit;
+      out |= uint64_t(V::template to_bits<P>(keep)) << bit;
       if (bit + V::W == 64) {
-        std::memcpy(write + (i + V::W - 64) / 8, &bits.out, 8);
-        bits.out = 0;
+        std::memcpy(write + (i + V::W - 64) / 8, &out, 8);
+        out = 0;
       }
     }
     R grad = SCALED ? V::div(raw, grad_scale) : raw;
@@ -152,6 +153,8 @@ GMT_INLINE int64_t update_lanes(const Piece& piece, int64_t& i, int64_t end, con
       if (AMSGRAD) V::store(vmax + i, vmax_new);
     }
   }
+  bits.word = word;
+  bits.out = out;
   return kept;
 }
 
