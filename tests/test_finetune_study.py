@@ -172,7 +172,10 @@ def test_report_and_throughput_run_end_to_end(tiny, tmp_path):
     out["throughput"] = measure(model, d, cfg, rounds=2)
     assert [t["optimizer"] for t in out["throughput"]] == ["AdamW(fused=True)", "GMTAdamW r=0.3", "naive GMT r=0.3",
                                                           "GMTAdamW random r=0.3"]
-    assert out["throughput"][0]["step_vs_adamw"] == 1.0
+    t = out["throughput"]
+    assert t[0]["step_vs_adamw"] == 1.0 and t[0]["step_vs_adamw_paired"] == 1.0
+    assert min(t[1]["step_s_min"] / t[0]["step_s_max"], 1.0) <= t[1]["step_vs_adamw_paired"] <= max(
+        t[1]["step_s_max"] / t[0]["step_s_min"], 1.0)
     report.write_report(json.loads(json.dumps(out)), tmp_path / "r")
     text = (tmp_path / "r.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| GMT global r=0.3 |")]
