@@ -192,7 +192,13 @@ def test_cli_modes_and_unknown_arm():
 
     quick, full = study.parse_args(["--quick"]), study.parse_args(["--steps", "5"])
     assert (quick.steps, quick.seeds, quick.name) == (8, 2, "quick_pilot")
-    assert (full.steps, full.seeds, full.max_len, full.name) == (5, 3, 64, "study")
+    assert (full.steps, full.max_len, full.name) == (5, 32, "study")
+    # without arguments the command reproduces the committed study's settings
+    default = study.parse_args([])
+    committed = json.loads((Path(study.RESULTS) / "study.json").read_text())
+    assert (default.steps, default.batch_size) == (committed["meta"]["config"]["steps"], committed["meta"]["config"]["batch_size"])
+    assert default.max_len == committed["meta"]["max_len"]
+    assert default.seeds == 1 + max(r["seed"] for r in committed["runs"])
     with pytest.raises(SystemExit, match="unknown arm.*'nope'.*GMT global r=0.3"):
         study.main(["--arms", "AdamW,nope"])  # refused before the model or the data are loaded
 
