@@ -265,6 +265,15 @@ enum class Keys32 {
 // Keys not below 2**31 exist (u32): compares must be unsigned, and none is non-finite.
 constexpr bool unsigned_keys(Keys32 kind) { return kind == Keys32::kRandom; }
 
+// An interval so narrow that few entries fall inside: under 2**15 keys of a kind whose keys are
+// 32-bit scores (a float32 relative width under 0.4 %; the last pass of an exact selection). Keys
+// widened from 16-bit values are excluded: one such value can tie thousands of entries.
+inline bool sparse_interval(Keys32 kind, const Interval& iv) {
+  const bool scores32 = kind == Keys32::kFloat || kind == Keys32::kRandom || kind == Keys32::kOverWeightFloat ||
+                        kind == Keys32::kOverWeightBFloat16 || kind == Keys32::kOverWeightHalf;
+  return scores32 && iv.last - iv.lo < (uint64_t(1) << 15);
+}
+
 // The grad_over_weight kinds, and the type each reads g and theta in.
 constexpr bool over_weight_keys(Keys32 kind) {
   return kind == Keys32::kOverWeightFloat || kind == Keys32::kOverWeightBFloat16 || kind == Keys32::kOverWeightHalf;
@@ -413,8 +422,9 @@ struct IntervalConstants {
 };
 
 // ZEROS (only when the interval starts at key 0): exact zeros, which real gradients hold by the
-// million, are counted in a register instead of going through the buffer.
-template <Keys32 KIND, bool ZEROS>
+// million, are counted in a register instead of going through the buffer. SPARSE (a narrow
+// interval, see sparse_interval): eight keys outside it, the common case, skip the packing.
+template <Keys32 KIND, bool ZEROS, bool SPARSE>
 GMT_INLINE void count8(const KeySrc& data, int64_t i, const IntervalConstants& c, __m256i& above, __m256i& nonfinite,
                        __m256i& zeros, uint32_t* buffer, int& fill, uint32_t* counts) {
   constexpr int kBuffer = 256;
@@ -434,6 +444,9 @@ GMT_INLINE void count8(const KeySrc& data, int64_t i, const IntervalConstants& c
     nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpgt_epi32(key, c.below_inf));
   }
   const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
+  if constexpr (SPARSE) {
+    if (__builtin_expect(mask == 0, 1)) return;
+  }
   const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[mask]));
   const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_srl_epi32(offset, c.shift), order);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(buffer + fill), packed);
@@ -449,7 +462,7 @@ GMT_INLINE int64_t lane_sum(__m256i lanes) {  // per-lane counts: n < 2^34 per c
   return sum;
 }
 
-template <Keys32 KIND, bool ZEROS>
+template <Keys32 KIND, bool ZEROS, bool SPARSE>
 void count_interval_streams(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
   const IntervalConstants c{_mm256_set1_epi32(int32_t(iv.lo)), _mm256_set1_epi32(int32_t(iv.last - iv.lo)),
                             _mm256_set1_epi32(int32_t(iv.last)), _mm256_set1_epi32(int32_t(iv.inf_key - 1)),
@@ -464,11 +477,11 @@ void count_interval_streams(const KeySrc& data, int64_t n, const Interval& iv, L
   const int64_t part = (n / kStreams) & ~int64_t(7);
   for (int64_t i = 0; i < part; i += 8) {
     for (int s = 0; s < kStreams; ++s) {
-      count8<KIND, ZEROS>(data, s * part + i, c, above, nonfinite, zeros, buffers[s], fill[s], counts);
+      count8<KIND, ZEROS, SPARSE>(data, s * part + i, c, above, nonfinite, zeros, buffers[s], fill[s], counts);
     }
   }
   int64_t i = kStreams * part;
-  for (; i + 8 <= n; i += 8) count8<KIND, ZEROS>(data, i, c, above, nonfinite, zeros, buffers[0], fill[0], counts);
+  for (; i + 8 <= n; i += 8) count8<KIND, ZEROS, SPARSE>(data, i, c, above, nonfinite, zeros, buffers[0], fill[0], counts);
   for (int s = 0; s < kStreams; ++s) drain(counts, buffers[s], fill[s]);
   local.above += lane_sum(above);
   local.nonfinite += lane_sum(nonfinite);
@@ -478,8 +491,9 @@ void count_interval_streams(const KeySrc& data, int64_t n, const Interval& iv, L
 
 template <Keys32 KIND>
 void count_interval(const KeySrc& data, int64_t n, const Interval& iv, LocalCounts& local) {
-  if (iv.lo == 0) return count_interval_streams<KIND, true>(data, n, iv, local);
-  count_interval_streams<KIND, false>(data, n, iv, local);
+  if (iv.lo == 0) return count_interval_streams<KIND, true, false>(data, n, iv, local);
+  if (sparse_interval(KIND, iv)) return count_interval_streams<KIND, false, true>(data, n, iv, local);
+  count_interval_streams<KIND, false, false>(data, n, iv, local);
 }
 
 template <Keys32 KIND>
