@@ -23,6 +23,9 @@ masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept,
     -> None
     One param group's tensors on one device with one dtype. steps: 0-d float32 tensors, already
     incremented for this step. kept: int64 [n], += number of kept entries (0 if options.skip).
+    thresholds and kept may be strided views, stride 0 included (the frontend passes its scopes'
+    own rows: tensors that share a scope share one threshold and one counter, and their counts add
+    up in it); `contiguous_slots` adapts them for kernels that index both contiguously.
     options: options.AdamWOptions: lr (float or 0-d tensor), beta1, beta2, eps, weight_decay,
     amsgrad, maximize, mask_mode, grad_scale (0-d tensor or None: g is divided by it), skip (0-d
     bool tensor or None: when true, nothing at all changes, stored masks included). The update is
@@ -244,3 +247,21 @@ def _dense_in_some_order(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def contiguous_slots(thresholds: torch.Tensor, kept: torch.Tensor) -> tuple:
+    """(thresholds, kept, finish) for a masked_adamw kernel that indexes both [n] contiguously:
+    contiguous copies of strided ones (a read-only copy of thresholds; kept counted from zero),
+    and finish(), to call after the kernel, adds the counts back into the caller's kept (stride 0:
+    all of them into its one counter). finish is None where nothing had to change."""
+    if thresholds.is_contiguous() and kept.is_contiguous():
+        return thresholds, kept, None
+    counts = torch.zeros(kept.shape, dtype=kept.dtype, device=kept.device)
+
+    def finish() -> None:
+        if kept.numel() and kept.stride(0) == 0:
+            kept[:1].add_(counts.sum(0, keepdim=True))
+        else:
+            kept.add_(counts)
+
+    return thresholds.contiguous(), counts, finish

@@ -119,7 +119,7 @@ def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
                          **schema) -> None:
     options, mask = records_from_schema(thresholds, masks, **schema)
 
-    def one_tensor_by_reference(i: int) -> None:
+    def one_tensor_by_reference(i: int, thresholds, kept) -> None:
         # For a tensor whose gradient or states are laid out unlike the parameter (a strided view
         # with holes, different strides), or a non-contiguous one where entries are indexed
         # row-major (random scores, stored masks): the reference update of this one tensor, still
@@ -131,7 +131,7 @@ def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         reference.masked_adamw(
             [params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]],
             [max_exp_avg_sqs[i]] if options.amsgrad else [], [steps[i]], kept[one], options=options,
-            mask=replace(mask, thresholds=mask.thresholds[one], scoring=scoring, masks=tuple(mask.masks[one])))
+            mask=replace(mask, thresholds=thresholds[one], scoring=scoring, masks=tuple(mask.masks[one])))
 
     launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, options=options,
                         mask=mask, fallback=one_tensor_by_reference)
