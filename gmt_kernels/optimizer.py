@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import radix
-from .backends import Backend, check_backend_name, resolve
+from .backends import Backend, check_backend_name, resolve, storage_vouched
 from .device_constants import DeviceConstants
 from . import masks as stored_masks
 from .options import CRITERIA, GRAD, AdamWOptions, MaskSource, Scoring
@@ -329,7 +329,11 @@ class GMTAdamW(torch.optim.Optimizer):
         if layout is None or key is None or not layout.valid(key):
             layout = None
         try:
-            self._step(layout, key, grads, grad_scale, found_inf)
+            if layout is None:
+                self._step(layout, key, grads, grad_scale, found_inf)
+            else:  # the key just checked the gradients' and parameters' storage
+                with storage_vouched(layout):
+                    self._step(layout, key, grads, grad_scale, found_inf)
         finally:
             self.__dict__.pop("_selected", None)  # holds this step's gradients
             kept = self.__dict__.get("_layout")  # the one used, or kept by this step
@@ -374,9 +378,8 @@ class GMTAdamW(torch.optim.Optimizer):
         # then a cast; Python scalars there would each be a fill launch).
         increment_on = _PerDevice(None if skip is None else torch.where(skip, *_zero_one(skip.device)))
         steps_by_device = defaultdict(list)
-        for batch in batches:
-            for state in batch.states:
-                steps_by_device[state["step"].device].append(state["step"])
+        for batch in batches:  # _init_state put every step on its parameter's device
+            steps_by_device[batch.params[0].device] += map(_STEP, batch.states)
         for device, steps in steps_by_device.items():
             if skip is None:
                 torch._foreach_add_(steps, 1)
@@ -823,10 +826,10 @@ class GMTAdamW(torch.optim.Optimizer):
         batch.backend.masked_adamw(
             params,
             batch.grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] and update_params else [],
-            [s["step"] for s in states],
+            list(map(_EXP_AVG, states)),
+            list(map(_EXP_AVG_SQ, states)),
+            list(map(_MAX_EXP_AVG_SQ, states)) if group["amsgrad"] and update_params else [],
+            list(map(_STEP, states)),
             kept,
             options=AdamWOptions(
                 lr=group["lr"],
@@ -916,6 +919,7 @@ def _torch_adamw_defaults() -> dict:
 
 
 _GMT_COUNTERS = ("skipped_steps", "selections", "since_selection")
+_STEP, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ = map(operator.itemgetter, ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 _warned_criteria_fallbacks: set = set()
 
 

@@ -46,10 +46,11 @@ Backends register themselves with `register`; `resolve` picks one per (device, d
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -265,3 +266,25 @@ def contiguous_slots(thresholds: torch.Tensor, kept: torch.Tensor) -> tuple:
             kept.add_(counts)
 
     return thresholds.contiguous(), counts, finish
+
+
+_vouching: list = [None]  # storage_vouched's tokens, innermost last
+
+
+@contextlib.contextmanager
+def storage_vouched(token: object) -> Iterator[None]:
+    """While active, the caller vouches that every gradient and parameter it passes to
+    radix_histogram and masked_adamw (params, grads; not the states) has the storage it had the
+    last time it was passed under the same token (GMTAdamW: the data_ptrs its cached layout's key
+    checks once per step), so that a backend that caches per-tensor launch plans may skip checking
+    them again at every call."""
+    _vouching.append(token)
+    try:
+        yield
+    finally:
+        _vouching.pop()
+
+
+def vouched_token() -> object:
+    """The token of the innermost storage_vouched, or None."""
+    return _vouching[-1]

@@ -462,7 +462,7 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
     by_reference, tables = cached_plan(
         tensors, (device, amsgrad, len(params), bool(masks), row_major, slot),
         lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major,
-                       slot), True))
+                       slot), True), vouched=2 * len(params))  # params and grads; the states are checked
     for i in by_reference:
         fallback(i, thresholds, kept)  # e.g. a gradient laid out unlike its parameter: rare, tensor by tensor
     if tables:
