@@ -379,7 +379,7 @@ class GMTAdamW(torch.optim.Optimizer):
         increment_on = _PerDevice(None if skip is None else torch.where(skip, *_zero_one(skip.device)))
         steps_by_device = defaultdict(list)
         for batch in batches:  # _init_state put every step on its parameter's device
-            steps_by_device[batch.params[0].device] += map(_STEP, batch.states)
+            steps_by_device[batch.params[0].device] += [s["step"] for s in batch.states]
         for device, steps in steps_by_device.items():
             if skip is None:
                 torch._foreach_add_(steps, 1)
@@ -826,10 +826,10 @@ class GMTAdamW(torch.optim.Optimizer):
         batch.backend.masked_adamw(
             params,
             batch.grads,
-            list(map(_EXP_AVG, states)),
-            list(map(_EXP_AVG_SQ, states)),
-            list(map(_MAX_EXP_AVG_SQ, states)) if group["amsgrad"] and update_params else [],
-            list(map(_STEP, states)),
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] and update_params else [],
+            [s["step"] for s in states],
             kept,
             options=AdamWOptions(
                 lr=group["lr"],
@@ -919,7 +919,6 @@ def _torch_adamw_defaults() -> dict:
 
 
 _GMT_COUNTERS = ("skipped_steps", "selections", "since_selection")
-_STEP, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ = map(operator.itemgetter, ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 _warned_criteria_fallbacks: set = set()
 
 
