@@ -491,7 +491,7 @@ class GMTAdamW(torch.optim.Optimizer):
 
     def _layout_key_of(self, state) -> tuple:
         key = [id(state), len(state), self.scope, self.criterion, self.refresh_every, self.nonfinite,
-               self.mask_mode]
+               self.mask_mode, self.threshold, self.backend]
         grads = []
         for group in self.param_groups:
             params = group["params"]
