@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import sys
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,12 +16,12 @@ import torch
 from torch import Tensor
 
 from . import radix
-from .backends import Backend, check_backend_name, resolve
+from .backends import Backend, check_backend_name, resolve, storage_vouched
 from .device_constants import DeviceConstants
 from . import masks as stored_masks
 from .options import CRITERIA, GRAD, AdamWOptions, MaskSource, Scoring
 from .scores import random_keys_like
-from .threshold import Scope, select_thresholds
+from .threshold import Scope, select_thresholds, work_lists
 
 SCOPES = ("global", "group", "tensor")
 MASK_MODES = ("grad", "freeze")
@@ -88,6 +90,7 @@ class _Batch:
     ids: list = field(default_factory=list)  # per masked tensor, its index in the step's scoring arrays
     contributions: list = field(default_factory=list)  # distributed.Contribution per tensor (sharded runs)
     uncounted: list = field(default_factory=list)  # tensors whose kept count another rank reports
+    slots: Optional[tuple] = None  # (selection key, scope row per tensor, _row_views) once _update ran
 
 
 class GMTAdamW(torch.optim.Optimizer):
@@ -230,6 +233,7 @@ class GMTAdamW(torch.optim.Optimizer):
                 # a named backend that cannot serve (or lacks the criterion or stored masks) fails now
                 self._criteria_backend(resolve(self.backend, p.device, p.dtype), p.device, p.dtype)
         super().add_param_group(param_group)
+        self.__dict__.pop("_layout", None)
         self.param_groups[-1]["gmt"] = self._gmt
         if hasattr(self, "_sharding"):
             self._sharding = _infer_sharding(self.param_groups, self.process_group)
@@ -245,6 +249,7 @@ class GMTAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.pop("_layout", None)  # (load_state_dict ends here: new state dicts)
         self.__dict__.setdefault("_gmt", _new_gmt_state())
         for name, value in _new_gmt_state().items():  # pickled by a version without the schedule
             self._gmt.setdefault(name, value)
@@ -319,15 +324,34 @@ class GMTAdamW(torch.optim.Optimizer):
             found_inf = getattr(self, "found_inf", None)
 
         self._follow_parameters()
-        batches = self._gather()  # validates everything before anything changes
+        key, grads = self._layout_key()
+        layout = self.__dict__.get("_layout")
+        if layout is None or key is None or not layout.valid(key):
+            layout = None
+        try:
+            if layout is None:
+                self._step(layout, key, grads, grad_scale, found_inf)
+            else:  # the key just checked the gradients' and parameters' storage
+                with storage_vouched(layout):
+                    self._step(layout, key, grads, grad_scale, found_inf)
+        finally:
+            self.__dict__.pop("_selected", None)  # holds this step's gradients
+            kept = self.__dict__.get("_layout")  # the one used, or kept by this step
+            if kept is not None:
+                kept.release()
+        return loss
+
+    def _step(self, layout: Optional["_Layout"], key, grads, grad_scale, found_inf) -> None:
+        # validates everything before anything changes (a cached layout: validated at an earlier step)
+        batches = self._gather() if layout is None else layout.fill(grads)
         if not batches:
-            return loss
+            return
         for group in self.param_groups:  # a schedule may have edited them since construction
             radix.check_mask_ratio(group["mask_ratio"])
         if self.scope == "global":
             _check_global_mask_ratio(self.param_groups)
         due = self._due()
-        selections, records, sharded_rows = self._select(batches, due)
+        selections, records, sharded_rows = self._select(batches, due, layout)
 
         skip = None
         if self.nonfinite != "propagate" and selections:
@@ -343,25 +367,26 @@ class GMTAdamW(torch.optim.Optimizer):
             inf = found_inf.to(self._primary, non_blocking=True) != 0
             skip = inf if skip is None else skip | inf
 
-        self._init_state(batches)
+        if layout is None:
+            self._init_state(batches)
+            if key is not None:  # keyed as the next step will find it: with the states made now
+                self._layout = _Layout(self._layout_key()[0], grads, batches, *self._selected)
         if self._sharding is not None:
             _use_local_shards(batches)
         skip_on = _PerDevice(skip)
-        # ~skip once: the steps' increment and mask_stats' "refreshed" share it
-        not_skip = None if skip is None else ~skip
-        not_skip_on = _PerDevice(not_skip)
+        # The steps' increment, 1 - skip as float32 in one op (where between two constants, not ~
+        # then a cast; Python scalars there would each be a fill launch).
+        increment_on = _PerDevice(None if skip is None else torch.where(skip, *_zero_one(skip.device)))
         steps_by_device = defaultdict(list)
-        for batch in batches:
-            for state in batch.states:
-                steps_by_device[state["step"].device].append(state["step"])
+        for batch in batches:  # _init_state put every step on its parameter's device
+            steps_by_device[batch.params[0].device] += [s["step"] for s in batch.states]
         for device, steps in steps_by_device.items():
             if skip is None:
                 torch._foreach_add_(steps, 1)
             else:  # a list of 0-d tensors, not one tensor "scalar": dynamo traces this overload
-                torch._foreach_add_(steps, [not_skip_on[device].to(torch.float32)] * len(steps))
+                torch._foreach_add_(steps, [increment_on[device]] * len(steps))
 
-        kept_by_key = {key: torch.zeros(len(sel.thresholds), dtype=torch.int64, device=self._primary)
-                       for key, sel in selections.items()}
+        kept_by_key = _kept_counters(selections, self._primary)
         refresh_on = _PerDevice(due)
         for batch in batches:
             self._update(batch, selections, kept_by_key, grad_scale, skip_on, refresh_on, update_params=True)
@@ -370,9 +395,8 @@ class GMTAdamW(torch.optim.Optimizer):
             self._sharding.reduce_rows(kept_by_key, sharded_rows)
         if skip is not None:
             self.skipped_steps += skip.to(self.skipped_steps.device)
-        refreshed = self._advance_schedule(due, skip, not_skip)
+        refreshed = self._advance_schedule(due, skip, increment_on[self._primary])
         self._record_stats(records, selections, kept_by_key, grad_scale, refreshed)
-        return loss
 
     @torch.no_grad()
     def select_mask(self) -> None:
@@ -414,8 +438,8 @@ class GMTAdamW(torch.optim.Optimizer):
                             for p in batch.params]
         if self._sharding is not None:
             _use_local_shards(batches)
-        kept_by_key = {key: torch.zeros(len(sel.thresholds), dtype=torch.int64, device=self._primary)
-                       for key, sel in selections.items()}
+        self.__dict__.pop("_selected", None)
+        kept_by_key = _kept_counters(selections, self._primary)
         for batch in batches:
             if batch.group["mask_ratio"] > 0:
                 self._update(batch, selections, kept_by_key, None, _PerDevice(skip), _PerDevice(due),
@@ -436,9 +460,11 @@ class GMTAdamW(torch.optim.Optimizer):
 
     def _advance_schedule(self, due: Optional[Tensor], skip: Optional[Tensor], not_skip: Optional[Tensor]):
         """After the update: selections += due & ~skip; since_selection = 1 after a selection, + 1
-        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip), a 0-d bool or True.
-        With refresh_every=1 only the random criterion's selection number is counted (nothing else
-        reads the schedule there)."""
+        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip): True, or a 0-d
+        tensor (bool, or with refresh_every=1 the float32 1 - skip the steps were incremented by,
+        which mask_stats reads as a bool). not_skip: that 1 - skip (None if skip is None). With
+        refresh_every=1 only the random criterion's selection number is counted (nothing else reads
+        the schedule there)."""
         since = self._gmt["since_selection"]
         if due is None:  # refresh_every=1: every step that is not skipped selects
             refreshed = True if skip is None else not_skip
@@ -446,21 +472,53 @@ class GMTAdamW(torch.optim.Optimizer):
                 self._gmt["selections"] += 1 if skip is None else refreshed.to(torch.int64)
             return refreshed  # (no launches for a count nothing reads: GMT's step stays as lean as before)
         else:
-            refreshed = due if skip is None else due & not_skip
+            refreshed = due if skip is None else due & ~skip
             advanced = torch.where(due, torch.ones_like(since), since + 1)
         since.copy_(advanced if skip is None else torch.where(skip, since, advanced))
         self._gmt["selections"] += 1 if refreshed is True else refreshed.to(torch.int64)
         return refreshed
+
+    def _layout_key(self) -> tuple:
+        """(key, grads): what the batches, scopes and states of a step are derived from, cheap to
+        compare (identities, storage addresses, the groups' layout options), and every parameter's
+        grad in group order. (None, None) where nothing is cached: sharded runs, torch.compile."""
+        if self._sharding is not None or torch.compiler.is_compiling():
+            return None, None
+        try:
+            return self._layout_key_of(self.state)
+        except RuntimeError:  # e.g. a sparse gradient has no data_ptr: _gather says what is wrong
+            return None, None
+
+    def _layout_key_of(self, state) -> tuple:
+        key = [id(state), len(state), self.scope, self.criterion, self.refresh_every, self.nonfinite,
+               self.mask_mode, self.threshold, self.backend]
+        grads = []
+        for group in self.param_groups:
+            params = group["params"]
+            group_grads = [p.grad for p in params]
+            grads += group_grads
+            key += (id(group), len(params), group["mask_ratio"], group["amsgrad"], id(group.get("param_names")))
+            key += map(id, params)
+            key += map(Tensor.data_ptr, params)  # p.data replaced (module.half(), .to()): its dtype, shape may differ
+            key += map(id, group_grads)
+            key += [g.data_ptr() for g in group_grads if g is not None]
+            key += map(id, map(state.get, params))  # a parameter's state dict replaced
+        return tuple(key), grads
 
     def _nonfinite_count(self, selections) -> Tensor:
         """NaN/inf gradient entries of the step, from the selections that count them on the gradient."""
         counts = [sel.nonfinite.sum() for key, sel in selections.items() if key[1] in _KINDS_WITH_NONFINITE]
         return functools.reduce(torch.add, counts)
 
-    def _select(self, batches: list[_Batch], due: Optional[Tensor]):
+    def _select(self, batches: list[_Batch], due: Optional[Tensor], layout: Optional["_Layout"] = None):
         """Every scope's threshold for this step: {selection key: Selection}, the scope records and
         the rows to all-reduce. Score scopes start finished where due is false (nothing is read)."""
-        scopes, records, sharded_rows = self._scopes(batches, separate_check=due is not None)
+        if layout is None:
+            scopes, records, sharded_rows = self._scopes(batches, separate_check=due is not None)
+            works = {}
+            self._selected = (scopes, records, works)  # for _keep_layout
+        else:
+            scopes, records, sharded_rows, works = layout.scopes, layout.records, defaultdict(list), layout.works
         backend_for = lambda g: self._resolve(g.device, g.dtype)  # noqa: E731
         scoring = self._step_random = self._step_scoring(batches)
         selections = {}
@@ -470,7 +528,10 @@ class GMTAdamW(torch.optim.Optimizer):
             done = ~due if kind == "score" and due is not None else None
             options = {"scoring": scoring if kind == "score" else GRAD, "done": done}
             if self._sharding is None:
-                selections[key] = select_thresholds(key_scopes, fmt, backend_for, self._primary, **options)
+                if key not in works:
+                    works[key] = work_lists(key_scopes, backend_for)
+                selections[key] = select_thresholds(key_scopes, fmt, backend_for, self._primary, work=works[key],
+                                                    **options)
             else:
                 selections[key] = self._sharding.select(key_scopes, sharded_rows[key], fmt, backend_for,
                                                         self._primary, **options)
@@ -732,22 +793,31 @@ class GMTAdamW(torch.optim.Optimizer):
                 update_params: bool) -> None:
         group, params = batch.group, batch.params
         device, n = params[0].device, len(params)
-        rows = {i: (key, row) for i, key, row in batch.scope_rows}
         masked = group["mask_ratio"] > 0
         scoring, masks, refresh = GRAD, (), None
+        index = None  # scope rows to gather thresholds from and add kept counts to, if not views
         if masked:
-            key = rows[0][0]  # every tensor of a batch shares its scopes' selection key
+            if batch.slots is None:  # (kept with the batch while the layout is cached)
+                rows = {i: (key, row) for i, key, row in batch.scope_rows}
+                scope_rows = tuple(rows[i][1] for i in range(n))
+                views = None if batch.uncounted or device != self._primary else _row_views(scope_rows)
+                batch.slots = (rows[0][0], scope_rows, views)  # every tensor of a batch shares its selection key
+            key, scope_rows, views = batch.slots
             fmt = key[0]
-            index = _device_index(tuple(rows[i][1] for i in range(n)), self._primary)
-            thresholds = selections[key].thresholds.index_select(0, index).to(device, non_blocking=True)
+            if views is not None:  # the scopes' own rows (no gather, no scatter: no launch)
+                thresholds, kept = views(selections[key].thresholds), views(kept_by_key[key])
+            else:
+                index = _device_index(scope_rows, self._primary)
+                thresholds = selections[key].thresholds.index_select(0, index).to(device, non_blocking=True)
+                kept = torch.zeros(n, dtype=torch.int64, device=device)
             scoring = self._batch_scoring(batch, device)
             if self.refresh_every != 1:
                 masks = [s["gmt_mask"] for s in batch.states]
                 refresh = refresh_on[device]
-        else:  # threshold 0 keeps every entry
+        else:  # threshold 0 keeps every entry; nothing reads the counts
             fmt = radix.key_format_for([params[0].dtype])
-            thresholds = torch.zeros(n, dtype=fmt.threshold_dtype, device=device)
-        kept = torch.zeros(n, dtype=torch.int64, device=device)
+            thresholds = _zero_threshold(device, fmt.threshold_dtype).expand(n)
+            kept = _discarded_counts(device).expand(n)
         beta1, beta2 = (float(b) if isinstance(b, Tensor) else b for b in group["betas"])
         if update_params:
             states = batch.states
@@ -775,7 +845,7 @@ class GMTAdamW(torch.optim.Optimizer):
             ),
             mask=MaskSource(thresholds, scoring, masks=masks, refresh=refresh, update_params=update_params),
         )
-        if masked:
+        if index is not None:
             if batch.uncounted:  # replicas whose entries another rank of the group reports
                 kept.index_fill_(0, torch.tensor(batch.uncounted, dtype=torch.int64, device=device), 0)
             kept_by_key[key].index_add_(0, index, kept.to(self._primary, non_blocking=True))
@@ -830,10 +900,14 @@ class GMTAdamW(torch.optim.Optimizer):
         with), "kept": int (entries updated with their gradient; 0 for a skipped step), "numel": int,
         "refreshed": bool (this step selected a new mask)}. Reading it
         synchronises with the device; step() itself does not."""
-        return {
+        stats = {
             name: {k: (v.item() if isinstance(v, Tensor) else v) for k, v in s.items()}
             for name, s in self._last_stats.items()
         }
+        for s in stats.values():  # kept on the device as 1 - skip (float32) by refresh_every=1 steps
+            if "refreshed" in s:
+                s["refreshed"] = bool(s["refreshed"])
+        return stats
 
 
 @functools.cache
@@ -946,6 +1020,96 @@ _scope_indices = DeviceConstants()
 def _device_index(rows: tuple, device: torch.device) -> Tensor:
     """The int64 tensor `rows` on `device`, copied from the host once per distinct value."""
     return _scope_indices.get((device, rows), lambda: torch.tensor(rows, dtype=torch.int64).to(device))
+
+
+class _Layout:
+    """What step() derives from the parameters, their gradients and state and the groups' layout
+    options (batches, scopes, selection work lists: per-tensor Python work), kept for the next steps
+    while _layout_key is unchanged. It holds no gradient between steps (memory: zero_grad may free
+    them): fill() puts the step's gradients in place, release() takes them out again. A gradient it
+    was built with that dies invalidates it, so that a new one at the same id is never mistaken
+    for it."""
+
+    def __init__(self, key, grads, batches, scopes, records, works):
+        self.key, self.batches, self.scopes, self.records, self.works = key, batches, scopes, records, works
+        self._alive = [True]
+        alive = self._alive
+        self._refs = [weakref.ref(g, lambda _, alive=alive: alive.clear()) for g in grads if g is not None]
+        index = {id(g): i for i, g in enumerate(grads) if g is not None}
+        pick = lambda gs: _picker([index[id(g)] for g in gs])  # noqa: E731
+        self._fills = [(batch, pick(batch.grads)) for batch in batches]
+        self._scope_fills = [(scope, pick(scope.grads)) for key_scopes in scopes.values() for scope in key_scopes]
+        self._work_fills = [(work, name, pick(entry[1])) for work in works.values() for name, entry in work.items()]
+
+    def valid(self, key: tuple) -> bool:
+        return bool(self._alive) and key == self.key
+
+    def fill(self, grads: list) -> list:
+        for batch, pick in self._fills:
+            batch.grads = pick(grads)
+        for scope, pick in self._scope_fills:
+            scope.grads = pick(grads)
+        for work, name, pick in self._work_fills:
+            backend, _, rows, ids = work[name]
+            work[name] = (backend, pick(grads), rows, ids)
+        return self.batches
+
+    def release(self) -> None:
+        for batch, _ in self._fills:
+            batch.grads = []
+        for scope, _ in self._scope_fills:
+            scope.grads = []
+        for work, name, _ in self._work_fills:
+            backend, _, rows, ids = work[name]
+            work[name] = (backend, [], rows, ids)
+
+
+def _picker(index: list):
+    """items -> [items[i] for i in index], at C speed."""
+    if len(index) == 1:
+        (i,) = index
+        return lambda items: [items[i]]
+    get = operator.itemgetter(*index)
+    return lambda items: list(get(items))
+
+
+def _row_views(rows: tuple):
+    """For a batch whose tensors' scope rows are all one row (scopes "global", "group") or
+    consecutive rows ("tensor"), a function that views a per-scope [S] tensor as the batch's [n]
+    (stride 0 or a slice: thresholds read and kept counts added in place, no launch); else None."""
+    first, n = rows[0], len(rows)
+    if rows == (first,) * n:
+        return lambda t: t[first:first + 1].expand(n)
+    if rows == tuple(range(first, first + n)):
+        return lambda t: t[first:first + n]
+    return None
+
+
+def _kept_counters(selections: dict, primary: torch.device) -> dict:
+    """Per selection key, the zeroed [S] int64 kept counts the updates add to."""
+    return {key: sel.kept if sel.kept is not None else
+            torch.zeros(len(sel.thresholds), dtype=torch.int64, device=primary) for key, sel in selections.items()}
+
+
+def _zero_threshold(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A read-only [1] zero threshold (keeps every entry) for unmasked groups."""
+    return _scope_indices.get((device, "zero threshold", dtype), lambda: torch.zeros(1, dtype=dtype, device=device))
+
+
+def _zero_one(device: torch.device) -> tuple:
+    """0-d float32 0 and 1 on the device, read-only."""
+    return _scope_indices.get((device, "0 and 1"), lambda: tuple(torch.tensor(v, device=device) for v in (0.0, 1.0)))
+
+
+_discarded: dict = {}
+
+
+def _discarded_counts(device: torch.device) -> Tensor:
+    """A [1] int64 counter that unmasked groups' updates add to and nothing reads (made once per
+    device, so that such a group costs no zeroing launch per step)."""
+    if device not in _discarded:
+        _discarded[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return _discarded[device]
 
 
 class _PerDevice:

@@ -32,6 +32,7 @@ against this one, because on CPU a pass's dozen tiny torch ops would cost more t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -368,6 +369,20 @@ def zero_key_start(lo, last):
 def result_keys(state: torch.Tensor) -> torch.Tensor:
     """The threshold key of every scope once all passes ran (meaningless where K = 0: +inf)."""
     return state[:, LO]
+
+
+def result_thresholds(state: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
+    """keys_to_threshold(result_keys(state), fmt) as one device op, a new contiguous tensor. A float
+    format's key is the score's bits, so its low bytes within the int64 LO column are the score:
+    they are read in place (little-endian) and widened once, instead of narrowing to the key's
+    integer type, viewing and widening (a launch each)."""
+    if fmt.integer:
+        return result_keys(state).to(fmt.threshold_dtype, copy=True, memory_format=torch.contiguous_format)
+    if sys.byteorder != "little":
+        return keys_to_threshold(result_keys(state), fmt).clone()
+    per_word = 8 // fmt.float_dtype.itemsize  # scores per int64 column
+    scores = state.view(fmt.float_dtype)[:, LO * per_word]  # a strided view: no launch
+    return scores.to(fmt.threshold_dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def max_passes(fmt: KeyFormat, numels, ks=None) -> int:

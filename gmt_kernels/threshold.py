@@ -45,6 +45,7 @@ class Selection:
     thresholds: torch.Tensor  # [S] in key_format.threshold_dtype, on the primary device
     nonfinite: torch.Tensor  # [S] int64: entries that are NaN or +-inf
     key_format: radix.KeyFormat
+    kept: Optional[torch.Tensor] = None  # [S] int64 zeros: the update's kept count per scope (or None: make one)
 
 
 def select_thresholds(
@@ -56,34 +57,33 @@ def select_thresholds(
     *,
     scoring: Scoring = GRAD,
     done: Optional[torch.Tensor] = None,
+    work: Optional[dict] = None,
 ) -> Selection:
     """Thresholds of `scopes` (one key format) scored by `scoring` (its per-tensor fields indexed by
     Scope.ids). done: a 0-d bool tensor on the primary device, or None; where true, every scope
-    starts finished, so the passes read nothing (a step that reuses stored masks)."""
+    starts finished, so the passes read nothing (a step that reuses stored masks). work:
+    work_lists(scopes, backend_for) if the caller kept it from an earlier step with these scopes."""
     initial, sampled_first = _initial_state(scopes, key_format, primary)
     any_sampled = any(radix.first_pass_sample_log2(s.numel, s.k) > 0 for s in scopes)
     state = initial.clone()  # the one copy a step makes of it, device to device
     if done is not None:
         state[:, radix.DONE] = done.to(torch.int64)
 
-    # Work lists per (device, backend): the gradients, the state row of each one's scope, its id.
-    work: dict[tuple[torch.device, str], tuple[Backend, list, list, list]] = {}
-    for row, scope in enumerate(scopes):
-        for j, grad in enumerate(scope.grads):
-            backend = backend_for(grad)
-            entry = work.setdefault((grad.device, backend.name), (backend, [], [], []))
-            entry[1].append(grad)
-            entry[2].append(row)
-            entry[3].append(None if scope.ids is None else scope.ids[j])
+    if work is None:
+        work = work_lists(scopes, backend_for)
     local_state = {dev: state if dev == primary else state.to(dev) for dev, _ in work}
     scorings = {key: _scoring_for(scoring, ids, key[0]) for key, (_, _, _, ids) in work.items()}
 
     passes = radix.max_passes(key_format, [s.numel for s in scopes], [s.k for s in scopes])
     # One zeroed histogram per pass in a single allocation (and no copy of pass 0's non-finite
     # counts), unless that would take more than _HIST_ROWS_AT_ONCE rows of 32 KiB.
+    # The update's kept counters (Selection.kept) share that allocation.
     at_once = passes * len(scopes) <= _HIST_ROWS_AT_ONCE
+    rows = passes * len(scopes) if at_once else 0
+    zeros = torch.zeros(rows * radix.HIST_COLUMNS + len(scopes), dtype=torch.int64, device=primary)
+    kept = zeros[rows * radix.HIST_COLUMNS:]
     if at_once:
-        hists = torch.zeros(passes, len(scopes), radix.HIST_COLUMNS, dtype=torch.int64, device=primary)
+        hists = zeros[:rows * radix.HIST_COLUMNS].view(passes, len(scopes), radix.HIST_COLUMNS)
     else:
         hist = torch.empty(len(scopes), radix.HIST_COLUMNS, dtype=torch.int64, device=primary)
     nonfinite = None
@@ -110,14 +110,23 @@ def select_thresholds(
             if copy is not state:
                 copy.copy_(state, non_blocking=True)
 
-    found = radix.keys_to_threshold(radix.result_keys(state), key_format)
+    thresholds = radix.result_thresholds(state, key_format)
     if any(s.k == 0 for s in scopes):  # k = 0: nothing kept, threshold +inf
-        thresholds = found.masked_fill(state[:, radix.K] == 0, float("inf"))
-    elif key_format.int_dtype == torch.int64:
-        thresholds = found.clone()  # int64 keys read as float64 are a view of the state
-    else:
-        thresholds = found
-    return Selection(thresholds, nonfinite, key_format)
+        thresholds.masked_fill_(state[:, radix.K] == 0, float("inf"))
+    return Selection(thresholds, nonfinite, key_format, kept)
+
+
+def work_lists(scopes: Sequence[Scope], backend_for: Callable[[torch.Tensor], Backend]) -> dict:
+    """Per (device, backend name): (backend, the gradients, the state row of each one's scope, its id)."""
+    work: dict[tuple[torch.device, str], tuple[Backend, list, list, list]] = {}
+    for row, scope in enumerate(scopes):
+        for j, grad in enumerate(scope.grads):
+            backend = backend_for(grad)
+            entry = work.setdefault((grad.device, backend.name), (backend, [], [], []))
+            entry[1].append(grad)
+            entry[2].append(row)
+            entry[3].append(None if scope.ids is None else scope.ids[j])
+    return work
 
 
 def _scoring_for(scoring: Scoring, ids: list, device: torch.device) -> Scoring:

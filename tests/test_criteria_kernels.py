@@ -278,6 +278,42 @@ def test_masked_adamw_matches_oracle(backend_name, criterion, dtype, mask_mode):
         assert_close_all(ours, [e[index] for e in expected], what)
 
 
+@pytest.mark.parametrize("backend_name", CRITERIA_BACKENDS)
+@pytest.mark.parametrize("criterion", ["grad", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["shared", "strided"])
+def test_masked_adamw_takes_the_scopes_rows_as_views(backend_name, criterion, dtype, layout):
+    """thresholds and kept as views of per-scope rows, as the optimizer passes them: "shared", one
+    row expanded to every tensor (stride 0: all counts add up in it); "strided", every other row."""
+    gen = torch.Generator().manual_seed(10)
+    fmt_name = radix.key_format_for([dtype], criterion).name
+    params, grads, moments, vmax, steps, thresholds, all_scores = update_case(criterion, dtype, gen, fmt_name)
+    n = len(params)
+    if layout == "shared":
+        thresholds = thresholds[:1].expand(n)
+        rows = torch.tensor([-1.0, float(thresholds[0]), -1.0], dtype=thresholds.dtype)  # junk around the row
+        threshold_view, counters = rows[1:2].expand(n), torch.full((3,), 5, dtype=torch.int64)
+        kept_view = counters[1:2].expand(n)
+    else:
+        rows = torch.full((2 * n,), -1.0, dtype=thresholds.dtype)
+        rows[::2] = thresholds
+        threshold_view, counters = rows[::2], torch.full((2 * n,), 5, dtype=torch.int64)
+        kept_view = counters[::2]
+    keeps = oracle_keep(all_scores, thresholds, [p.shape for p in params])
+    expected = [adamw_oracle(p, g, m, v, vm, st, keep, mask_mode="grad", **HYPER)
+                for p, g, m, v, vm, st, keep in zip(params, grads, moments[0], moments[1], vmax, steps, keeps)]
+    scoring = scoring_for(criterion, params)
+    backend_of(backend_name).masked_adamw(params, grads, moments[0], moments[1], vmax, steps, kept_view,
+                                          options=AdamWOptions(**HYPER), mask=MaskSource(threshold_view, scoring))
+    counts = [int(k.sum()) for k in keeps]
+    if layout == "shared":
+        assert counters.tolist() == [5, 5 + sum(counts), 5]
+    else:
+        assert counters.tolist() == [x for c in counts for x in (5 + c, 5)]
+    assert_close_all(params, [e[0] for e in expected], "param")
+    assert_close_all(moments[0], [e[1] for e in expected], "exp_avg")
+
+
 MASK_VARIANTS = ["write", "refresh-true", "read", "select", "skip"]
 
 

@@ -20,35 +20,39 @@ from gmt_kernels import GMTAdamW, radix  # noqa: E402
 from gmt_kernels.backends.triton.counting import DeviceWork  # noqa: E402
 
 
-def steady_step(n_tensors, monkeypatch=None, sampled=False, stub_kernels=False, **options):
+def steady_step(n_tensors, monkeypatch=None, sampled=False, stub_kernels=False, dtype=torch.float32, **options):
     """(DeviceWork of the third step, passes per selection, the optimizer and its parameters).
     stub_kernels: count Triton launches without running them (the counts do not depend on values)."""
     if sampled:  # small scopes sample their first pass, as scopes of 2**18+ entries do
         monkeypatch.setattr(radix, "SAMPLE_MIN_BLOCKS", 1)
     gen = torch.Generator().manual_seed(n_tensors)
-    params = [torch.nn.Parameter(torch.randn(20 + 7 * (i % 5), generator=gen)) for i in range(n_tensors)]
+    params = [torch.nn.Parameter(torch.randn(20 + 7 * (i % 5), generator=gen).to(dtype)) for i in range(n_tensors)]
     opt = GMTAdamW(params, lr=1e-2, backend="triton", **options)
     for step in range(3):
         for p in params:  # in place: the gradients keep their storage from step to step
-            g = torch.randn(p.shape, generator=gen)
+            g = torch.randn(p.shape, generator=gen).to(dtype)
             p.grad = g if p.grad is None else p.grad.copy_(g)
         with DeviceWork(stub_kernels=stub_kernels) as work:
             opt.step()
     numel = sum(p.numel() for p in params)
-    return work, radix.max_passes(radix.KEY_FORMATS[torch.float32], [numel]), opt, params
+    return work, radix.max_passes(radix.key_format_for([dtype]), [numel]), opt, params
 
 
-@pytest.mark.parametrize("sampled", [False, True], ids=["full-first-pass", "sampled-first-pass"])
-def test_launches_per_step_are_bounded_and_independent_of_the_tensor_count(sampled, monkeypatch):
+# bfloat16: 16-bit keys take fewer passes, so the bound leaves less room for the per-step work.
+@pytest.mark.parametrize("dtype,sampled,expected_passes", [
+    (torch.float32, False, 3), (torch.float32, True, 5), (torch.bfloat16, False, 2), (torch.bfloat16, True, 4)],
+    ids=["fp32-full-first-pass", "fp32-sampled-first-pass", "bf16-full-first-pass", "bf16-sampled-first-pass"])
+def test_launches_per_step_are_bounded_and_independent_of_the_tensor_count(dtype, sampled, expected_passes,
+                                                                            monkeypatch):
     counts = {}
     for n in (12, 120):
-        work, passes, _, _ = steady_step(n, monkeypatch, sampled=sampled, stub_kernels=True)
+        work, passes, _, _ = steady_step(n, monkeypatch, sampled=sampled, stub_kernels=True, dtype=dtype)
         assert work.launches["triton:radix_histogram_kernel"] == passes
         assert work.launches["triton:radix_select_kernel"] == passes  # one launch per pass, not ~125 ops
         assert work.launches["triton:masked_adamw_kernel"] == 1
         assert work.total <= 4 * passes + 8, work.launches
         counts[n] = dict(work.launches)
-    assert passes == (5 if sampled else 3)
+    assert passes == expected_passes
     assert counts[12] == counts[120]
 
 

@@ -23,6 +23,9 @@ masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept,
     -> None
     One param group's tensors on one device with one dtype. steps: 0-d float32 tensors, already
     incremented for this step. kept: int64 [n], += number of kept entries (0 if options.skip).
+    thresholds and kept may be strided views, stride 0 included (the frontend passes its scopes'
+    own rows: tensors that share a scope share one threshold and one counter, and their counts add
+    up in it); `contiguous_slots` adapts them for kernels that index both contiguously.
     options: options.AdamWOptions: lr (float or 0-d tensor), beta1, beta2, eps, weight_decay,
     amsgrad, maximize, mask_mode, grad_scale (0-d tensor or None: g is divided by it), skip (0-d
     bool tensor or None: when true, nothing at all changes, stored masks included). The update is
@@ -43,10 +46,11 @@ Backends register themselves with `register`; `resolve` picks one per (device, d
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -244,3 +248,43 @@ def _dense_in_some_order(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def contiguous_slots(thresholds: torch.Tensor, kept: torch.Tensor) -> tuple:
+    """(thresholds, kept, finish) for a masked_adamw kernel that indexes both [n] contiguously:
+    contiguous copies of strided ones (a read-only copy of thresholds; kept counted from zero),
+    and finish(), to call after the kernel, adds the counts back into the caller's kept (stride 0:
+    all of them into its one counter). finish is None where nothing had to change."""
+    if thresholds.is_contiguous() and kept.is_contiguous():
+        return thresholds, kept, None
+    counts = torch.zeros(kept.shape, dtype=kept.dtype, device=kept.device)
+
+    def finish() -> None:
+        if kept.numel() and kept.stride(0) == 0:
+            kept[:1].add_(counts.sum(0, keepdim=True))
+        else:
+            kept.add_(counts)
+
+    return thresholds.contiguous(), counts, finish
+
+
+_vouching: list = [None]  # storage_vouched's tokens, innermost last
+
+
+@contextlib.contextmanager
+def storage_vouched(token: object) -> Iterator[None]:
+    """While active, the caller vouches that every gradient and parameter it passes to
+    radix_histogram and masked_adamw (params, grads; not the states) has the storage it had the
+    last time it was passed under the same token (GMTAdamW: the data_ptrs its cached layout's key
+    checks once per step), so that a backend that caches per-tensor launch plans may skip checking
+    them again at every call."""
+    _vouching.append(token)
+    try:
+        yield
+    finally:
+        _vouching.pop()
+
+
+def vouched_token() -> object:
+    """The token of the innermost storage_vouched, or None."""
+    return _vouching[-1]

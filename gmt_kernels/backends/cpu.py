@@ -20,7 +20,7 @@ import torch
 
 from .. import ops  # noqa: F401  (the schemas, before the extension registers kernels for them)
 from ..options import CRITERIA, GRAD
-from . import Backend, register
+from . import Backend, contiguous_slots, register
 
 try:
     # After ops: its kernels are checked against the schemas when they register.
@@ -95,10 +95,13 @@ def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD):
 
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask):
+    thresholds, counts, finish = contiguous_slots(mask.thresholds, kept)  # the C++ kernel indexes both [n]
     _OPS.masked_adamw(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
-        mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args(),
+        thresholds, counts, list(mask.masks), **options.schema_args(), **mask.schema_args(),
     )
+    if finish is not None:
+        finish()
 
 
 register(

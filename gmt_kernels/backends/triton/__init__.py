@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 import triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 import triton.language as tl
 
 # The kernels count masked lanes out of tl.histogram (its mask= argument, first in Triton 3.4). An
@@ -89,12 +90,26 @@ def _ops_for(device: torch.device) -> tuple:
     return torch.ops.gmt_kernels.radix_histogram, torch.ops.gmt_kernels.masked_adamw
 
 
+def _dispatch_needed() -> bool:
+    """Whether a call must go through the operator: torch.compile traces it as one opaque op, and a
+    TorchDispatchMode (FakeTensor, counting.DeviceWork) or autograd must see it. Eager calls under
+    no_grad (an optimizer step) call the kernel function itself: the dispatcher's conversions of
+    the tensor lists cost about a microsecond per tensor and call (host time of many-tensor steps)."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling() or _current_dispatch_mode() is not None
+
+
 def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD) -> None:
+    if not _dispatch_needed():
+        return _histogram_kernel(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
     histogram_op, _ = _ops_for(hist.device)
     histogram_op(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
 
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask) -> None:
+    if not _dispatch_needed():
+        return _masked_adamw_kernel(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
+            mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args())
     _, adamw_op = _ops_for(kept.device)
     adamw_op(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
@@ -119,7 +134,7 @@ def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
                          **schema) -> None:
     options, mask = records_from_schema(thresholds, masks, **schema)
 
-    def one_tensor_by_reference(i: int) -> None:
+    def one_tensor_by_reference(i: int, thresholds, kept) -> None:
         # For a tensor whose gradient or states are laid out unlike the parameter (a strided view
         # with holes, different strides), or a non-contiguous one where entries are indexed
         # row-major (random scores, stored masks): the reference update of this one tensor, still
@@ -131,7 +146,7 @@ def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         reference.masked_adamw(
             [params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]],
             [max_exp_avg_sqs[i]] if options.amsgrad else [], [steps[i]], kept[one], options=options,
-            mask=replace(mask, thresholds=mask.thresholds[one], scoring=scoring, masks=tuple(mask.masks[one])))
+            mask=replace(mask, thresholds=thresholds[one], scoring=scoring, masks=tuple(mask.masks[one])))
 
     launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, options=options,
                         mask=mask, fallback=one_tensor_by_reference)

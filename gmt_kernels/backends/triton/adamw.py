@@ -22,7 +22,7 @@ import triton.language as tl
 from .histogram import TORCH_TO_TRITON
 from .scoring import (CRITERIA, check_random_inputs, div_rn, eps_from_bits, float64_bits, narrow, random_key_halves,
                       random_u, weight_score, widen)
-from .. import memory_order_view
+from .. import contiguous_slots, memory_order_view
 from ...masks import mask_rows, mask_shape
 from .tables import cached_plan, is_aligned, launch_table
 
@@ -383,10 +383,11 @@ def _check_masks(params, masks) -> None:
             )
 
 
-def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major) -> tuple:
+def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major, slot) -> tuple:
     """(tensors to update by reference, [(aligned, LaunchTable)]): one launch per alignment.
     row_major: entries are indexed row-major (random scores, stored masks), so only contiguous
-    parameters go to the kernel (which indexes memory order)."""
+    parameters go to the kernel (which indexes memory order). slot: the stride of thresholds and
+    kept (0: every tensor shares one threshold and one counter)."""
     device, dtype = params[0].device, params[0].dtype
     launches = defaultdict(lambda: ([], []))
     by_reference = []
@@ -407,7 +408,7 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, a
         ptrs = [f.data_ptr() for f in flats] + ([] if amsgrad else [0])
         rows, numels = launches[is_aligned(*flats)]
         stored = (masks[i].data_ptr(), mask_rows(p.shape)[1]) if masks else ()  # mask, inner
-        rows.append((*ptrs, steps[i].data_ptr(), i, *stored))  # i: the threshold / kept slot
+        rows.append((*ptrs, steps[i].data_ptr(), i * slot, *stored))  # the threshold / kept slot
         numels.append(p.numel())
     if launches:
         for step in steps:
@@ -436,8 +437,9 @@ def _check_mask_source(mask, n: int) -> None:
 
 def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask,
                         fallback) -> None:
-    """options: options.AdamWOptions, mask: options.MaskSource. `fallback(i)` updates tensor i another
-    way: used only for tensors whose layouts differ (or, with row-major indexing, non-contiguous ones)."""
+    """options: options.AdamWOptions, mask: options.MaskSource. `fallback(i, thresholds, kept)` updates
+    tensor i another way: used only for tensors whose layouts differ (or, with row-major indexing,
+    non-contiguous ones)."""
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
@@ -449,14 +451,28 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
     if masks:
         _check_masks(params, masks)
     row_major = bool(masks) or criterion == "random"
+    # The table's slot column indexes thresholds and kept (strided views of the scopes' rows, one
+    # stride for both) and, for "random", the contiguous per-tensor keys: else contiguous slots.
+    slot = kept.stride(0) if len(params) > 1 else 1
+    thresholds, finish = mask.thresholds, None
+    if thresholds.stride(0) != slot and len(params) > 1 or (slot != 1 and criterion == "random"):
+        thresholds, kept, finish = contiguous_slots(thresholds, kept)
+        slot = 1
     tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs, *(max_exp_avg_sqs if amsgrad else []), *steps, *masks]
     by_reference, tables = cached_plan(
-        tensors, (device, amsgrad, len(params), bool(masks), row_major),
-        lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major), True))
+        tensors, (device, amsgrad, len(params), bool(masks), row_major, slot),
+        lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major,
+                       slot), True), vouched=2 * len(params))  # params and grads; the states are checked
     for i in by_reference:
-        fallback(i)  # e.g. a gradient laid out unlike its parameter: rare, handled tensor by tensor
-    if not tables:
-        return
+        fallback(i, thresholds, kept)  # e.g. a gradient laid out unlike its parameter: rare, tensor by tensor
+    if tables:
+        _launch(tables, params, thresholds, kept, options, mask, dtype, compute, amsgrad, criterion, masks)
+    if finish is not None:
+        finish()
+
+
+def _launch(tables, params, thresholds, kept, options, mask, dtype, compute, amsgrad, criterion, masks) -> None:
+    device = params[0].device
     lr, skip, grad_scale = options.lr, options.skip, options.grad_scale
     lr_is_tensor = isinstance(lr, torch.Tensor)
     unused = _placeholder(device)  # a valid pointer for arguments the kernel is told not to read
@@ -472,7 +488,7 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
     block = block_for(dtype)
     for aligned, lt in tables:
         masked_adamw_kernel[(lt.num_chunks,)](
-            lt.table, lt.chunk_owner, mask.thresholds, kept, lr_tensor, scale, skip_bytes,
+            lt.table, lt.chunk_owner, thresholds, kept, lr_tensor, scale, skip_bytes,
             0.0 if lr_is_tensor else float(lr), float(options.weight_decay), float(options.beta1),
             float(options.beta2), _log(float(options.beta1)), _log(float(options.beta2)), float(options.eps),
             int(lr_is_tensor), int(skip is not None), int(options.maximize), **extra,

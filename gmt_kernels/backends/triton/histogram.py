@@ -427,7 +427,7 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat, sco
     _check_scoring(scoring, key_format, len(grads))
     weights = list(scoring.weights) if criterion == "grad_over_weight" else []
     plan = cached_plan(grads + weights, (hist.device, tuple(scope_of), criterion),
-                       lambda: _plan(grads, scope_of, scoring, hist.device))
+                       lambda: _plan(grads, scope_of, scoring, hist.device), vouched=len(grads) + len(weights))
     random = criterion == "random"
     key_float = tl.uint32 if random else TORCH_TO_TRITON[key_format.float_dtype]
     extra = dict(random_keys=scoring.random_keys if random else None,

@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from ...device_constants import DeviceConstants
+from .. import vouched_token
 
 # Columns of the tables are fixed per kernel; the numel and first-chunk columns come last.
 _tables = DeviceConstants(256)
@@ -117,34 +118,45 @@ def is_aligned(*tensors: torch.Tensor) -> bool:
 # ---- launch plans -------------------------------------------------------------------------------
 # What a launcher derives from its tensors (dtypes, layouts, alignment, tables) costs a few
 # microseconds per tensor in Python, times the passes of a step. A plan is reused while the call
-# gets the same tensor objects with the same storage (checked per call: one data_ptr and one weak
-# reference per tensor), which is every step of a training loop that keeps its gradients; a new
-# gradient object (zero_grad(set_to_none=True)) rebuilds the plan, and the table cache above still
-# avoids the copy if the addresses are the same.
+# gets the same tensor objects (their ids; a weak reference per tensor drops the plan when one
+# dies, so that a new tensor at the same id is never taken for it) with the same storage (one
+# data_ptr per tensor and call, skipped where the caller vouches for it: storage_vouched), which
+# is every step of a training loop that keeps its gradients; a new gradient object
+# (zero_grad(set_to_none=True)) rebuilds the plan, and the table cache above still avoids the copy
+# if the addresses are the same.
 
 
-class _Plan(NamedTuple):
-    refs: tuple
-    ptrs: tuple
-    value: object
+class _Plan:
+    __slots__ = ("ptrs", "value", "alive", "refs", "token")
+
+    def __init__(self, tensors, ptrs, value, token):
+        self.ptrs, self.value, self.alive, self.token = ptrs, value, True, token
+        self.refs = [weakref.ref(t, self._died) for t in tensors]
+
+    def _died(self, _ref) -> None:
+        self.alive = False
 
 
 _PLAN_CACHE_SIZE = 64
 _plans: "OrderedDict[tuple, _Plan]" = OrderedDict()
-
-
-def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], tuple]):
+_data_ptr = torch.Tensor.data_ptr
+def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], tuple], *, vouched: int = 0):
     """build() -> (plan, cacheable); the plan of an earlier call with these very tensors (same
-    objects, same data_ptrs) and the same `extra` if there is one."""
+    objects, same data_ptrs) and the same `extra` if there is one. vouched: the first `vouched`
+    tensors are gradients or parameters that backends.storage_vouched covers."""
     key = (extra, tuple(map(id, tensors)))
-    ptrs = tuple(t.data_ptr() for t in tensors)
+    token = vouched_token() if vouched else None
     hit = _plans.get(key)
-    if hit is not None and hit.ptrs == ptrs and all(r() is t for r, t in zip(hit.refs, tensors)):
-        _plans.move_to_end(key)
-        return hit.value
+    if hit is not None and hit.alive:
+        start = vouched if token is not None and hit.token is token else 0
+        if hit.ptrs[start:] == tuple(map(_data_ptr, tensors[start:])):
+            hit.token = token
+            _plans.move_to_end(key)
+            return hit.value
     value, cacheable = build()
     if cacheable:
-        _plans[key] = _Plan(tuple(weakref.ref(t) for t in tensors), ptrs, value)
+        _plans[key] = _Plan(tensors, tuple(map(_data_ptr, tensors)), value, token)
+        _plans.move_to_end(key)
         if len(_plans) > _PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
     return value

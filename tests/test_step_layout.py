@@ -1,0 +1,109 @@
+"""GMTAdamW keeps what a step derives from its parameters (batches, scopes, selection work lists)
+between steps while a cheap key is unchanged (optimizer._Layout), and the Triton launchers skip
+re-checking the storage of gradients and parameters that the key has checked. Every change that
+the key must see is made here between steps, and each step is compared with the reference backend
+run without the cache; the test also checks that the cache was reused on steady steps and rebuilt
+after each change, so that it cannot pass with the cache never used.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gmt_kernels import GMTAdamW  # noqa: E402
+
+SIZES = (40, 57, 33)
+
+
+def make(backend, cached=True):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in SIZES]
+    opt = GMTAdamW(params, lr=1e-2, weight_decay=0.1, mask_ratio=0.4, backend=backend)
+    if not cached:  # the reference run: every step derived from scratch
+        opt._layout_key = lambda: (None, None)
+    return params, opt
+
+
+def set_grads(params, step, fresh=()):
+    """Deterministic gradients for `step`; in place, except for the indices in `fresh` (new tensors)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen)
+        p.grad = g if p.grad is None or i in fresh else p.grad.copy_(g)
+
+
+def grad_set_to_none(params, opt):
+    params[1].grad = None
+
+
+def new_grad_object(params, opt):
+    params[0].grad = params[0].grad.clone()
+
+
+def grad_storage_swapped(params, opt):  # same tensor object, new storage
+    params[2].grad.data = params[2].grad.data.clone()
+
+
+def param_storage_swapped(params, opt):  # as module.to() does: the Parameter object is kept
+    params[0].data = params[0].data.clone()
+
+
+def hyperparameters_changed(params, opt):
+    opt.param_groups[0]["lr"] = 3e-2
+    opt.param_groups[0]["mask_ratio"] = 0.6
+
+
+def group_added(params, opt):
+    extra = torch.nn.Parameter(torch.linspace(-1, 1, 29))
+    params.append(extra)
+    opt.add_param_group({"params": [extra], "mask_ratio": 0.6})
+
+
+def state_dict_loaded(params, opt):
+    opt.load_state_dict(opt.state_dict())
+
+
+def state_replaced(params, opt):
+    p = params[1]
+    opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+
+
+CHANGES = [grad_set_to_none, new_grad_object, grad_storage_swapped, param_storage_swapped, hyperparameters_changed,
+           group_added, state_dict_loaded, state_replaced]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_cached_layout_follows_every_change_between_steps(backend):
+    params, opt = make(backend)
+    expected_params, expected_opt = make("reference", cached=False)
+    step = 0
+
+    def both_step(change=None):
+        nonlocal step
+        step += 1
+        for ps, o in ((params, opt), (expected_params, expected_opt)):
+            set_grads(ps, step, fresh=(1,) if change is grad_set_to_none else ())
+            if change is not None:
+                change(ps, o)
+            o.step()
+        for i, (p, e) in enumerate(zip(params, expected_params)):
+            torch.testing.assert_close(p.detach(), e.detach(), msg=lambda m: f"step {step}, parameter {i}: {m}")
+        assert opt.mask_stats() == expected_opt.mask_stats()
+
+    both_step()
+    both_step()
+    for change in CHANGES:
+        before = opt.__dict__.get("_layout")
+        both_step(change)
+        after = opt.__dict__.get("_layout")
+        assert after is not None and after is not before, change.__name__  # rebuilt
+        both_step()  # (a gradient set to None comes back here: rebuilt again)
+        steady = opt.__dict__.get("_layout")
+        both_step()
+        assert opt.__dict__.get("_layout") is steady, change.__name__  # reused while nothing changes
+    assert len(params) == 4 and all(len(opt.state[p]) > 0 for p in params)
