@@ -109,7 +109,7 @@ uint64_t score_word_as(const P* g, const P* theta, int count, C threshold, C eps
 
 inline uint64_t stored_word(const uint8_t* bytes, int count) {
   uint64_t word = 0;
-  if (count == 64) {  // a fixed-size copy is one load; the variable one below is a libc call
+  if (count == 64) {  // a fixed-size copy compiles to one load; a variable-length one need not
     std::memcpy(&word, bytes, 8);
     return word;
   }
