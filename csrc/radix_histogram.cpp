@@ -345,21 +345,11 @@ inline void count_digits(const uint32_t* digits, int count, LocalCounts& local) 
   if (count & 1) ++h0[digits[count - 1]];
 }
 
-// Counts buffered digits. Runs of one digit are summed in a register first: real gradients hold
-// long runs of equal keys (exact zeros fill whole embedding rows), and incrementing one counter
-// entry by entry would serialise on store-to-load forwarding.
-inline void drain(uint32_t* counts, const uint32_t* buffer, int& filled) {
-  if (filled == 0) return;
-  uint32_t digit = buffer[0], run = 0;
-  for (int j = 0; j < filled; ++j) {
-    if (buffer[j] != digit) {
-      counts[digit] += run;
-      digit = buffer[j];
-      run = 0;
-    }
-    ++run;
-  }
-  counts[digit] += run;
+// Counts buffered digits (count_digits: the two copies alternately, or a buffer that is one run in
+// a register). No branch per digit: the digits of an interval pass are in no order, and a
+// run-length loop would mispredict about every other one.
+inline void drain(LocalCounts& local, const uint32_t* buffer, int& filled) {
+  if (filled > 0) count_digits(buffer, filled, local);
   filled = 0;
 }
 
@@ -426,7 +416,7 @@ struct IntervalConstants {
 // interval, see sparse_interval): eight keys outside it, the common case, skip the packing.
 template <Keys32 KIND, bool ZEROS, bool SPARSE>
 GMT_INLINE void count8(const KeySrc& data, int64_t i, const IntervalConstants& c, __m256i& above, __m256i& nonfinite,
-                       __m256i& zeros, uint32_t* buffer, int& fill, uint32_t* counts) {
+                       __m256i& zeros, uint32_t* buffer, int& fill, LocalCounts& local) {
   constexpr int kBuffer = 256;
   const __m256i key = load_keys<KIND>(data, i);
   const __m256i offset = _mm256_sub_epi32(key, c.lo);
@@ -451,7 +441,7 @@ GMT_INLINE void count8(const KeySrc& data, int64_t i, const IntervalConstants& c
   const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_srl_epi32(offset, c.shift), order);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(buffer + fill), packed);
   fill += _mm_popcnt_u32(unsigned(mask));
-  if (fill >= kBuffer) drain(counts, buffer, fill);
+  if (fill >= kBuffer) drain(local, buffer, fill);
 }
 
 GMT_INLINE int64_t lane_sum(__m256i lanes) {  // per-lane counts: n < 2^34 per call, no lane wraps
@@ -477,12 +467,12 @@ void count_interval_streams(const KeySrc& data, int64_t n, const Interval& iv, L
   const int64_t part = (n / kStreams) & ~int64_t(7);
   for (int64_t i = 0; i < part; i += 8) {
     for (int s = 0; s < kStreams; ++s) {
-      count8<KIND, ZEROS, SPARSE>(data, s * part + i, c, above, nonfinite, zeros, buffers[s], fill[s], counts);
+      count8<KIND, ZEROS, SPARSE>(data, s * part + i, c, above, nonfinite, zeros, buffers[s], fill[s], local);
     }
   }
   int64_t i = kStreams * part;
-  for (; i + 8 <= n; i += 8) count8<KIND, ZEROS, SPARSE>(data, i, c, above, nonfinite, zeros, buffers[0], fill[0], counts);
-  for (int s = 0; s < kStreams; ++s) drain(counts, buffers[s], fill[s]);
+  for (; i + 8 <= n; i += 8) count8<KIND, ZEROS, SPARSE>(data, i, c, above, nonfinite, zeros, buffers[0], fill[0], local);
+  for (int s = 0; s < kStreams; ++s) drain(local, buffers[s], fill[s]);
   local.above += lane_sum(above);
   local.nonfinite += lane_sum(nonfinite);
   if constexpr (ZEROS) counts[0] += uint32_t(lane_sum(zeros));  // key 0 is digit 0 when LO is 0
@@ -593,7 +583,6 @@ void count_interval(const KeySrc& data, int64_t n, const Interval& iv, LocalCoun
   constexpr int kStreams = 4, kBuffer = 256;
   alignas(64) uint32_t buffers[kStreams][kBuffer + 16];
   int fill[kStreams] = {};
-  uint32_t* counts = local.copy(0);
   // Stream s covers [s * part, (s + 1) * part) of the range, the last one the remainder too.
   const int64_t part = (n / kStreams) & ~int64_t(15);
   for (int64_t i = 0; i < part; i += 16) {
@@ -601,14 +590,14 @@ void count_interval(const KeySrc& data, int64_t n, const Interval& iv, LocalCoun
     for (int s = 0; s < kStreams; ++s) {
       fill[s] += count16<KIND>(data, s * part + i, n, lo, span, last, inf, shift, above, nonfinite,
                                buffers[s] + fill[s]);
-      if (fill[s] >= kBuffer) drain(counts, buffers[s], fill[s]);
+      if (fill[s] >= kBuffer) drain(local, buffers[s], fill[s]);
     }
   }
   for (int64_t i = kStreams * part; i < n; i += 16) {
     fill[0] += count16<KIND>(data, i, n, lo, span, last, inf, shift, above, nonfinite, buffers[0] + fill[0]);
-    if (fill[0] >= kBuffer) drain(counts, buffers[0], fill[0]);
+    if (fill[0] >= kBuffer) drain(local, buffers[0], fill[0]);
   }
-  for (int s = 0; s < kStreams; ++s) drain(counts, buffers[s], fill[s]);
+  for (int s = 0; s < kStreams; ++s) drain(local, buffers[s], fill[s]);
   // Per-lane counts: n < 2^36 entries per call (callers pass at most 2^30), so no lane wraps.
   local.above += uint32_t(_mm512_reduce_add_epi32(above));
   local.nonfinite += uint32_t(_mm512_reduce_add_epi32(nonfinite));
@@ -676,7 +665,6 @@ void count_interval(const KeySrc& data, int64_t n, const Interval& iv, LocalCoun
   uint32_t buffer[kBuffer + 8];
   alignas(16) uint32_t digits[8], inside[8];
   int fill = 0;
-  uint32_t* counts = local.copy(0);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int h = 0; h < 2; ++h) {
@@ -691,9 +679,9 @@ void count_interval(const KeySrc& data, int64_t n, const Interval& iv, LocalCoun
       buffer[fill] = digits[j];
       fill += int(inside[j]);
     }
-    if (fill >= kBuffer) drain(counts, buffer, fill);
+    if (fill >= kBuffer) drain(local, buffer, fill);
   }
-  drain(counts, buffer, fill);
+  drain(local, buffer, fill);
   local.above += vaddvq_u32(above);
   local.nonfinite += vaddvq_u32(nonfinite);
   count_tail<KIND>(data, i, n, iv, local);

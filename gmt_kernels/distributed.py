@@ -169,7 +169,7 @@ class ShardGroup:
         return [a + b for a, b in zip(known, _summed_shard_sizes[key])]
 
     def select(self, scopes, sharded_rows, key_format, backend_for, primary, **options) -> Selection:
-        """options: select_thresholds' scoring= and done=."""
+        """options: select_thresholds' scoring=, done= and warm=."""
         return select_split(scopes, sharded_rows, key_format, backend_for, primary, self.group, **options)
 
     def reduce_rows(self, per_format: dict, rows_per_format: dict) -> None:
@@ -225,9 +225,12 @@ def select_split(scopes: list[Scope], sharded_rows: Sequence[int], key_format, b
     if len(sharded_rows) == len(scopes):
         return select_thresholds(scopes, key_format, backend_for, primary, process_group=group, **options)
     local_rows = [r for r in range(len(scopes)) if r not in set(sharded_rows)]
+    warm = options.pop("warm", None)
+    warm_of = lambda rows: None if warm is None else warm[rows]  # noqa: E731
     shared = select_thresholds([scopes[r] for r in sharded_rows], key_format, backend_for, primary,
-                               process_group=group, **options)
-    alone = select_thresholds([scopes[r] for r in local_rows], key_format, backend_for, primary, **options)
+                               process_group=group, warm=warm_of(sharded_rows), **options)
+    alone = select_thresholds([scopes[r] for r in local_rows], key_format, backend_for, primary,
+                              warm=warm_of(local_rows), **options)
     position = torch.tensor(sharded_rows + local_rows, dtype=torch.int64).argsort().to(primary, non_blocking=True)
     return Selection(
         thresholds=torch.cat([shared.thresholds, alone.thresholds]).index_select(0, position),

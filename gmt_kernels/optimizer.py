@@ -351,7 +351,7 @@ class GMTAdamW(torch.optim.Optimizer):
         if self.scope == "global":
             _check_global_mask_ratio(self.param_groups)
         due = self._due()
-        selections, records, sharded_rows = self._select(batches, due, layout)
+        selections, records, sharded_rows = self._select(batches, due, layout, grad_scale)
 
         skip = None
         if self.nonfinite != "propagate" and selections:
@@ -510,9 +510,11 @@ class GMTAdamW(torch.optim.Optimizer):
         counts = [sel.nonfinite.sum() for key, sel in selections.items() if key[1] in _KINDS_WITH_NONFINITE]
         return functools.reduce(torch.add, counts)
 
-    def _select(self, batches: list[_Batch], due: Optional[Tensor], layout: Optional["_Layout"] = None):
+    def _select(self, batches: list[_Batch], due: Optional[Tensor], layout: Optional["_Layout"] = None,
+                grad_scale: Optional[Tensor] = None):
         """Every scope's threshold for this step: {selection key: Selection}, the scope records and
-        the rows to all-reduce. Score scopes start finished where due is false (nothing is read)."""
+        the rows to all-reduce. Score scopes start finished where due is false (nothing is read).
+        Each selection starts warm (around the last thresholds, see _warm_centres) when it can."""
         if layout is None:
             scopes, records, sharded_rows = self._scopes(batches, separate_check=due is not None)
             works = {}
@@ -526,7 +528,8 @@ class GMTAdamW(torch.optim.Optimizer):
             fmt, kind = key
             # A step that reuses the stored masks finishes the score scopes before their first pass.
             done = ~due if kind == "score" and due is not None else None
-            options = {"scoring": scoring if kind == "score" else GRAD, "done": done}
+            options = {"scoring": scoring if kind == "score" else GRAD, "done": done,
+                       "warm": self._warm_centres(key, len(key_scopes), records, grad_scale)}
             if self._sharding is None:
                 if key not in works:
                     works[key] = work_lists(key_scopes, backend_for)
@@ -878,21 +881,52 @@ class GMTAdamW(torch.optim.Optimizer):
             )
 
     def _record_stats(self, records, selections, kept_by_key, grad_scale, refreshed) -> None:
-        stats = {}
-        for rec in records:
-            threshold = selections[rec.key].thresholds[rec.row]
+        thresholds = {}  # per selection key, every row's threshold as mask_stats reports it
+        for key, selection in selections.items():
+            threshold = selection.thresholds
             if grad_scale is not None and self.criterion != "random":  # scores of the raw, scaled g
                 threshold = threshold / grad_scale.to(threshold.device)
             if self.refresh_every != 1:  # a step that reuses the stored mask reports the threshold it was selected with
-                previous = self._last_stats.get(rec.name, {}).get("threshold")
+                previous = self._last_thresholds(key, len(threshold), records)
                 if previous is not None:
-                    previous = torch.as_tensor(previous, dtype=threshold.dtype).to(threshold.device)
                     threshold = torch.where(refreshed.to(threshold.device), threshold, previous)
-            stats[rec.name] = {"threshold": threshold, "kept": kept_by_key[rec.key][rec.row], "numel": rec.numel,
-                               "refreshed": refreshed}
+            thresholds[key] = threshold
+        stats = {}
+        for rec in records:
+            stats[rec.name] = {"threshold": thresholds[rec.key][rec.row], "kept": kept_by_key[rec.key][rec.row],
+                               "numel": rec.numel, "refreshed": refreshed}
         # In place: under torch.compile an attribute assignment on an Optimizer is dropped (pytorch#171590).
         self._last_stats.clear()
         self._last_stats.update(stats)
+        if records:  # valid while these records are the step's and these stats the last ones
+            self.__dict__["_thresholds_kept"] = (records, stats[records[0].name], thresholds)
+
+    def _last_thresholds(self, key, rows: int, records) -> Optional[Tensor]:
+        """The thresholds mask_stats() holds for selection `key` (a [rows] tensor in its threshold
+        dtype, on the primary device; unscaled by a GradScaler), or None where a row that keeps
+        something has none (a first step, new scopes). The last step's tensor when it is still
+        the one (same records, stats not loaded since), else gathered from the stats."""
+        kept = self.__dict__.get("_thresholds_kept")
+        if kept is not None and kept[0] is records and self._last_stats.get(records[0].name) is kept[1]:
+            return kept[2].get(key)
+        fmt = key[0]
+        values = [0.0] * rows  # rows without a record only count NaN/inf (k = 0): never centred
+        for rec in records:
+            if rec.key == key:
+                value = self._last_stats.get(rec.name, {}).get("threshold")
+                if value is None:
+                    return None
+                values[rec.row] = value
+        return torch.stack([torch.as_tensor(v, dtype=fmt.threshold_dtype).to(self._primary) for v in values])
+
+    def _warm_centres(self, key, rows: int, records, grad_scale: Optional[Tensor]) -> Optional[Tensor]:
+        """Where selection `key` starts: the last thresholds (in the units of this step's scores),
+        or None (a cold start). A function of the optimizer's state_dict alone, so a step after
+        loading one selects what the uninterrupted run would have."""
+        previous = self._last_thresholds(key, rows, records)
+        if previous is None or grad_scale is None or self.criterion == "random":
+            return previous
+        return previous * grad_scale.to(previous.device)
 
     def mask_stats(self) -> dict:
         """Per scope of the last step: {"threshold": float (in the criterion's score units; "grad":

@@ -24,6 +24,10 @@ above the bracket, so it proves whether the bracket holds the k-th largest; if t
 it (adversarial data), the interval becomes the proven side and selection goes on: a miss costs
 passes, never correctness.
 
+Later selections of an optimizer start *warm* (`warm_state`): the first pass is a full pass over a
+bracket around the last threshold, which saves the sample pass (gradients drift slowly between
+steps; a bracket that missed is proven so by the same counts and costs passes, never correctness).
+
 Backends implement only the histogram pass (`Backend.radix_histogram`); the state machine below
 is plain torch on tiny [scopes, bins] tensors and stays on the device (no host synchronisation).
 The C++ extension carries the same `select_bins` for CPU state (csrc/radix_select.cpp), tested
@@ -99,10 +103,18 @@ class KeyFormat:
             return 1 << self.key_bits
         return ((1 << (self.key_bits - self.mantissa_bits)) - 1) << self.mantissa_bits
 
-    def passes(self, sampled: bool) -> int:
-        """Passes that always suffice: a full pass divides any interval by 2**RADIX_BITS, and a
-        sampled start adds the sample pass and at most one pass over a bracket that missed."""
-        return -(-self.key_bits // RADIX_BITS) + (2 if sampled else 0)
+    def passes(self, sampled: bool, warm: bool = False) -> int:
+        """Passes that always suffice: a full pass divides any interval by 2**RADIX_BITS, a
+        sampled start adds the sample pass and at most one pass over a bracket that missed, and a
+        warm start (`warm_state`) adds its bracket pass."""
+        return -(-self.key_bits // RADIX_BITS) + (1 if warm else 2 if sampled else 0)
+
+    @property
+    def warm_half_width(self) -> int:
+        """Half-width in keys of a warm start's bracket (`warm_state`): a quarter of a binade either side
+        of a float key (scores within 12-25 %), 1/64 of the range of an integer key
+        (the random criterion's threshold hardly moves between selections)."""
+        return 1 << (self.key_bits - 6 if self.integer else self.mantissa_bits - 2)
 
     @property
     def threshold_dtype(self) -> torch.dtype:
@@ -276,11 +288,59 @@ def initial_state(ks, numels, slacks, fmt: KeyFormat) -> torch.Tensor:
     sampled first pass for large scopes. ks, numels, slacks: per scope, Python ints. A full first
     pass histograms from key 1 (see `zero_key_start`); a sample counts every entry, zeros included,
     since its bracket scales ranks by the number of entries it counted."""
+    rows = _initial_rows(ks, numels, slacks, fmt)
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), STATE_COLUMNS)
+
+
+def _initial_rows(ks, numels, slacks, fmt: KeyFormat) -> list:
     rows = []
     for k, n, slack in zip(ks, numels, slacks):
         sample = first_pass_sample_log2(n, k)
         rows.append([0 if sample else 1, fmt.key_max, fmt.key_bits - RADIX_BITS, sample, 0, k, n, slack, 0, fmt.key_max])
-    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), STATE_COLUMNS)
+    return rows
+
+
+def warm_state(centres: torch.Tensor, constants: tuple, fmt: KeyFormat) -> torch.Tensor:
+    """The state before the first pass of a *warm start*: scopes that keep something (K > 0) begin
+    with a full pass over the bracket [centre - w, centre + w] of keys (w = fmt.warm_half_width)
+    instead of a sample. centres [S]: where each scope's k-th largest score is expected, in
+    fmt.threshold_dtype (GMTAdamW passes the previous selection's thresholds: gradients drift
+    slowly, so the bracket usually holds the k-th largest and the sample pass is saved).
+    constants: warm_constants of the scopes, built once per set of scopes.
+
+    The bracket pass proves itself like any full pass (its ABOVE count and bins), so a centre that
+    is far off costs passes (at most fmt.passes(False) more), never correctness. For a 16-bit
+    format the bracket spans under BINS keys, so a hit is exact after this one pass. An exact
+    selection's result does not depend on the centre; an approximate one ends in a bin whose edges
+    do. Three or four small ops, none reading host data: a step stays capturable."""
+    if fmt.integer:
+        keys = centres.to(torch.int64)
+    else:
+        keys = centres.to(fmt.float_dtype).view(fmt.int_dtype).to(torch.int64)
+    template, weight, lower, upper = constants
+    return torch.clamp(torch.addcmul(template, keys[:, None], weight), lower, upper)
+
+
+def warm_constants(ks, numels, slacks, fmt: KeyFormat) -> tuple:
+    """(template, weight, lower, upper) of `warm_state` (on the CPU) for scopes of these k, sizes
+    and slacks (Python ints, as initial_state): the template is the initial state with the LO, LAST,
+    SHIFT and SAMPLE columns of scopes that keep something set to -w, +w, the bracket's shift and 0;
+    weight is 1 where the centre is added (those LO and LAST); lower and upper bound every column:
+    LO in [1, key_max - w] (from key 1: `zero_key_start`) and LAST in [w, key_max], so that any
+    centre key (a NaN of either sign, -0.0, past the range) gives a bracket inside the key range."""
+    half = fmt.warm_half_width
+    shift = max(0, (2 * half).bit_length() - RADIX_BITS)
+    template = _initial_rows(ks, numels, slacks, fmt)
+    weight = [[0] * STATE_COLUMNS for _ in ks]
+    lower = [[-(1 << 63)] * STATE_COLUMNS for _ in ks]
+    upper = [[(1 << 63) - 1] * STATE_COLUMNS for _ in ks]
+    for row, k in enumerate(ks):
+        if k > 0:
+            template[row][LO], template[row][LAST], template[row][SHIFT], template[row][SAMPLE] = -half, half, shift, 0
+            weight[row][LO] = weight[row][LAST] = 1
+            lower[row][LO], upper[row][LO] = 1, fmt.key_max - half
+            lower[row][LAST], upper[row][LAST] = half, fmt.key_max
+    return tuple(torch.tensor(t, dtype=torch.int64).reshape(len(ks), STATE_COLUMNS) for t in (template, weight, lower, upper))
 
 
 def _shift_for(width: torch.Tensor) -> torch.Tensor:
@@ -385,11 +445,14 @@ def result_thresholds(state: torch.Tensor, fmt: KeyFormat) -> torch.Tensor:
     return scores.to(fmt.threshold_dtype, copy=True, memory_format=torch.contiguous_format)
 
 
-def max_passes(fmt: KeyFormat, numels, ks=None) -> int:
+def max_passes(fmt: KeyFormat, numels, ks=None, warm: bool = False) -> int:
     """Passes of a selection over scopes of these sizes, and these k if given (known on the host:
-    no sync). Scopes that all keep nothing (k = 0: only counted for NaN/inf) need one pass."""
+    no sync), from a warm start (`warm_state`) or not. Scopes that all keep nothing (k = 0: only
+    counted for NaN/inf) need one pass."""
     if ks is not None and all(k == 0 for k in ks):
         return 1
+    if warm:
+        return fmt.passes(False, warm=True)
     ks = [1] * len(numels) if ks is None else ks  # k unknown: as if every scope kept something
     return fmt.passes(any(first_pass_sample_log2(int(n), k) > 0 for n, k in zip(numels, ks)))
 

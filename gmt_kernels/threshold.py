@@ -8,8 +8,8 @@ parameters. The number of passes is fixed in advance (radix.max_passes), since e
 need the device to tell the host; a pass over scopes that are all DONE reads no gradient.
 
 Nothing in a steady-state step comes from host data: the initial state is built once per set of
-scope sizes and kept on the device (a step copies it device to device), so a step can be captured
-in a CUDA graph. On a GPU a pass is two launches (histogram, select) when every pass gets its own
+scope sizes and kept on the device (a step copies it device to device, or starts warm from it and
+the last thresholds, radix.warm_state), so a step can be captured in a CUDA graph. On a GPU a pass is two launches (histogram, select) when every pass gets its own
 zeroed histogram rows, one allocation per step (small scope counts), else three (a zero_ per pass).
 """
 
@@ -58,14 +58,22 @@ def select_thresholds(
     scoring: Scoring = GRAD,
     done: Optional[torch.Tensor] = None,
     work: Optional[dict] = None,
+    warm: Optional[torch.Tensor] = None,
 ) -> Selection:
     """Thresholds of `scopes` (one key format) scored by `scoring` (its per-tensor fields indexed by
     Scope.ids). done: a 0-d bool tensor on the primary device, or None; where true, every scope
     starts finished, so the passes read nothing (a step that reuses stored masks). work:
-    work_lists(scopes, backend_for) if the caller kept it from an earlier step with these scopes."""
-    initial, sampled_first = _initial_state(scopes, key_format, primary)
-    any_sampled = any(radix.first_pass_sample_log2(s.numel, s.k) > 0 for s in scopes)
-    state = initial.clone()  # the one copy a step makes of it, device to device
+    work_lists(scopes, backend_for) if the caller kept it from an earlier step with these scopes.
+    warm: [S] on the primary device, where each scope's threshold is expected (the previous
+    selection's), or None: the first pass is then a bracket around it (radix.warm_state) instead of
+    a sample or a full radix pass."""
+    initial, sampled_first, warm_constants = _initial_state(scopes, key_format, primary)
+    if warm is None:
+        any_sampled = any(radix.first_pass_sample_log2(s.numel, s.k) > 0 for s in scopes)
+        state = initial.clone()  # the one copy a step makes of it, device to device
+    else:
+        any_sampled = False
+        state = radix.warm_state(warm, warm_constants, key_format)
     if done is not None:
         state[:, radix.DONE] = done.to(torch.int64)
 
@@ -74,7 +82,7 @@ def select_thresholds(
     local_state = {dev: state if dev == primary else state.to(dev) for dev, _ in work}
     scorings = {key: _scoring_for(scoring, ids, key[0]) for key, (_, _, _, ids) in work.items()}
 
-    passes = radix.max_passes(key_format, [s.numel for s in scopes], [s.k for s in scopes])
+    passes = radix.max_passes(key_format, [s.numel for s in scopes], [s.k for s in scopes], warm=warm is not None)
     # One zeroed histogram per pass in a single allocation (and no copy of pass 0's non-finite
     # counts), unless that would take more than _HIST_ROWS_AT_ONCE rows of 32 KiB.
     # The update's kept counters (Selection.kept) share that allocation.
@@ -148,12 +156,17 @@ _initial_states = DeviceConstants()
 
 
 def _initial_state(scopes: Sequence[Scope], key_format: radix.KeyFormat, primary: torch.device):
-    """(radix.initial_state, whether each scope's first pass is a sample) on the primary device,
-    built on the host and copied once per set of scope sizes; later steps reuse the device copy
-    (a step clones the state)."""
+    """(radix.initial_state, whether each scope's first pass is a sample, radix.warm_constants) on
+    the primary device, built on the host and copied once per set of scope sizes; later steps reuse
+    the device copies (a step clones the state or makes a warm one from them)."""
 
     def make():
-        host_state = radix.initial_state([s.k for s in scopes], [s.numel for s in scopes], [s.slack for s in scopes], key_format)
-        return host_state.to(primary), (host_state[:, radix.SAMPLE] > 0).to(primary)
+        sizes = [s.k for s in scopes], [s.numel for s in scopes], [s.slack for s in scopes]
+        host_state = radix.initial_state(*sizes, key_format)
+        warm = tuple(t.to(primary) for t in radix.warm_constants(*sizes, key_format))
+        return host_state.to(primary), (host_state[:, radix.SAMPLE] > 0).to(primary), warm
 
-    return _initial_states.get((primary, key_format.name, tuple((s.k, s.numel, s.slack) for s in scopes)), make)
+    # The sampling rule's constants are in the key: a state cached under other ones would plan
+    # passes that max_passes no longer counts.
+    sampling = (radix.SAMPLE_MIN_BLOCKS, radix.SAMPLE_MAX_LOG2, radix.SAMPLE_BLOCK)
+    return _initial_states.get((primary, key_format.name, sampling, tuple((s.k, s.numel, s.slack) for s in scopes)), make)

@@ -157,3 +157,72 @@ def test_a_threshold_on_exact_zeros_takes_one_full_pass(n, exact):
 def test_zero_key_start_keeps_single_keys_and_intervals_above_zero():
     lo, last = torch.tensor([0, 0, 5, 1]), torch.tensor([0, 9, 9, 1])
     assert radix.zero_key_start(lo, last).tolist() == [0, 1, 5, 1]
+
+
+def trace_warm(tensors, mask_ratio, exact, centre, fmt=F32):
+    """Like trace, from radix.warm_state around `centre` (a score): (threshold, passes until DONE,
+    the first pass's interval)."""
+    n = sum(t.numel() for t in tensors)
+    k, slack = radix.kept_count(n, mask_ratio), radix.rank_slack(n, exact)
+    centres = torch.tensor([centre], dtype=fmt.threshold_dtype)
+    state = radix.warm_state(centres, radix.warm_constants([k], [n], [slack], fmt), fmt)
+    first = state[0, [radix.LO, radix.LAST]].tolist()
+    assert state[0, radix.SAMPLE] == 0
+    done_after = None
+    for p in range(radix.max_passes(fmt, [n], [k], warm=True)):
+        hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
+        reference.radix_histogram(tensors, [0] * len(tensors), state, hist, key_format=fmt)
+        radix.select_bins(hist, state, fmt.key_bits)
+        if done_after is None and state[0, radix.DONE]:
+            done_after = p + 1
+    return radix.keys_to_threshold(radix.result_keys(state), fmt).item(), done_after, first
+
+
+# Where a warm start may be centred: the last threshold (on it, or drifted), and what a broken or
+# skipped step can leave behind.
+WARM_CENTRES = {"on it": 1.0, "7 % above": 1.07, "10 % below": 0.9, "drifted 2x down": 0.5,
+                "far above": 1e4, "zero": 0.0, "nan": math.nan, "inf": math.inf}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("centre", sorted(WARM_CENTRES))
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_warm_start_finds_the_threshold_from_any_centre(dtype, centre, exact):
+    """radix.warm_state: whatever the centre, the selection ends within max_passes(warm=True) at the
+    exact k-th largest (or within the approximate bound); centred within the bracket's 12 %, the
+    first pass holds it: float32 is within the approximate bound after that one pass, exact after
+    two; a 16-bit format is exact after one."""
+    fmt = radix.KEY_FORMATS[dtype]
+    data = GRADIENT_LIKE["heavy_tailed"](torch.Generator().manual_seed(1)).to(dtype)
+    tensors = [data[: N // 3], data[N // 3 :]]
+    k, slack = radix.kept_count(N, 0.3), radix.rank_slack(N, exact)
+    kth = kth_largest(tensors, k)
+    threshold, passes, first = trace_warm(tensors, 0.3, exact, kth * WARM_CENTRES[centre], fmt)
+    assert kth_largest(tensors, k + slack) <= threshold <= kth_largest(tensors, k - slack)
+    if exact:
+        assert threshold == kth
+    assert passes is not None
+    if centre in ("on it", "7 % above", "10 % below"):
+        kth_key = radix.score_keys(torch.tensor([kth], dtype=dtype), fmt).item()
+        assert first[0] <= kth_key <= first[1]
+        assert passes == (2 if exact and fmt.mantissa_bits > 10 else 1)
+
+
+def test_a_warm_start_leaves_scopes_that_keep_nothing_cold():
+    """A scope with k = 0 (threshold +inf, NaN/inf counted) keeps the initial state whatever its
+    centre; a scope that keeps something is bracketed, from key 1, within the key range."""
+    fmt = F32
+    sizes = [0, 5, 5, 5, 5], [N] * 5, [0] * 5
+    initial = radix.initial_state(*sizes, fmt)
+    centres = torch.tensor([2.0, 0.0, math.inf, 1.5, -math.nan])
+    state = radix.warm_state(centres, radix.warm_constants(*sizes, fmt), fmt)
+    assert torch.equal(state[0], initial[0])
+    half = fmt.warm_half_width
+    key = radix.score_keys(torch.tensor([1.5]), fmt).item()
+    assert state[1, radix.LO] == 1 and state[1, radix.LAST] == half  # around 0, from key 1
+    assert state[2, radix.LO] == fmt.inf_key - half
+    assert (state[1:, radix.LO] >= 1).all() and (state[1:, radix.LAST] <= fmt.key_max).all()  # NaN, -0.0
+    assert state[3, [radix.LO, radix.LAST]].tolist() == [key - half, key + half]
+    assert (state[1:, radix.SAMPLE] == 0).all() and (state[1:, radix.SHIFT] == state[3, radix.SHIFT]).all()
+    assert ((state[1:, radix.LAST] - state[1:, radix.LO]) >> state[1:, radix.SHIFT] < radix.BINS).all()
+    assert torch.equal(state[:, radix.K:], initial[:, radix.K:])

@@ -397,6 +397,68 @@ def test_state_dict_round_trip_keeps_gmt_counters(backend):
     assert fresh.mask_stats()["global"]["kept"] == 0  # the last step was skipped
 
 
+def warm_run(backend, threshold, grads_per_step, params=None, opt=None):
+    """GMTAdamW over two tensors of 2**16 + 123 entries (approximate selections apply), stepped on
+    each of grads_per_step; returns (params, optimizer, the global threshold of every step)."""
+    if params is None:
+        params = [torch.nn.Parameter(torch.zeros(40000)), torch.nn.Parameter(torch.zeros(25659))]
+        opt = GMTAdamW(params, lr=1e-3, mask_ratio=0.3, threshold=threshold, backend=backend)
+    thresholds = []
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        thresholds.append(opt.mask_stats()["global"]["threshold"])
+    return params, opt, thresholds
+
+
+def drifting_grads(scales, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(n, generator=gen) * s for n in (40000, 25659)] for s in scales]
+
+
+@pytest.mark.parametrize("threshold", ["exact", "approx"])
+def test_warm_started_steps_keep_the_threshold_in_bound(backend, threshold):
+    """Section 2 at every step: a step's selection starts around the last step's threshold
+    (radix.warm_state). Gradients that drift a little (its bracket holds the k-th largest) or jump
+    (it does not) get the exact threshold, or one within the bound, all the same."""
+    steps = drifting_grads([1.0, 1.05, 0.97, 8.0, 0.01, 1.0])
+    _, _, thresholds = warm_run(backend, threshold, steps)
+    n = 40000 + 25659
+    k, e = keep_count(n, 0.3), 0 if threshold == "exact" else math.ceil(0.0005 * n)
+    for grads, t in zip(steps, thresholds):
+        assert kth_largest(grads, k + e) <= t <= kth_largest(grads, k - e)
+
+
+def test_a_step_starts_around_the_last_threshold_and_resumes_exactly(backend, monkeypatch):
+    """The warm start's centre is the last mask_stats() threshold, which the state_dict carries:
+    a run resumed from a state_dict selects (approximately: the result depends on the centre) and
+    updates exactly as the uninterrupted run."""
+    from gmt_kernels import optimizer as optimizer_module
+
+    centres = []
+    select = optimizer_module.select_thresholds
+
+    def spy(*args, warm=None, **kwargs):
+        centres.append(None if warm is None else warm.tolist())
+        return select(*args, warm=warm, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "select_thresholds", spy)
+    steps = drifting_grads([1.0, 1.1, 0.9, 1.2])
+    whole, _, thresholds = warm_run(backend, "approx", steps)
+    assert centres == [None] + [[t] for t in thresholds[:-1]]
+    params, opt, first = warm_run(backend, "approx", steps[:2])
+    saved = saved_and_loaded(opt.state_dict())
+    params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = GMTAdamW(params, lr=1e-3, mask_ratio=0.3, backend=backend)
+    resumed.load_state_dict(saved)
+    centres.clear()
+    _, _, rest = warm_run(backend, "approx", steps[2:], params, resumed)
+    assert centres == [[first[-1]], [rest[0]]]
+    assert first + rest == thresholds
+    assert all(torch.equal(a, b) for a, b in zip(whole, params))
+
+
 # --- section 5: non-finite gradients -------------------------------------------------------
 
 
