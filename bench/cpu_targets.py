@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import math
 import os
 import statistics
@@ -34,12 +35,12 @@ import subprocess
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import OtherProcessesCpu, _cpu_model  # noqa: E402
+from machine import OtherProcessesCpu, _cpu_model  # noqa: E402  (before torch: huge pages)
+
+import torch  # noqa: E402
 
 from gmt_kernels import GMTAdamW, magnitude_threshold, radix  # noqa: E402
 from gmt_kernels.backends import cpu, resolve  # noqa: E402
@@ -109,7 +110,11 @@ def measure(grads, dtype, levels, args):
     numel = sum(g.numel() for g in grads)
     k = radix.kept_count(numel, args.mask_ratio)
     fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    contenders = {"fused": fused.step}
+    # Every round (untimed for the others) scales the gradients by 1.1 or back: a drift of 10 %
+    # between steps, about the 90th percentile of all-MiniLM-L6-v2's fine-tuning, so that a GMT
+    # selection's warm start (radix.warm_state) is as far off as in training, not on the spot.
+    factors = itertools.cycle([1.1, 1 / 1.1])
+    contenders = {"drift": lambda: torch._foreach_mul_(list(grads), next(factors)), "fused": fused.step}
     # One optimizer per mode, stepped at every level (the state's values do not change the time).
     opts = {
         # The bare update: nothing masked, and no NaN/inf check (fused AdamW makes none; with the
@@ -148,27 +153,37 @@ def breakdown(grads, mask_ratio, steps, exact, levels):
     backend = resolve("cpu", torch.device("cpu"), grads[0].dtype)
     fmt = radix.key_format_for([grads[0].dtype])
     numel = sum(g.numel() for g in grads)
-    state = radix.initial_state([radix.kept_count(numel, mask_ratio)], [numel], [radix.rank_slack(numel, exact)], fmt)
+    sizes = [radix.kept_count(numel, mask_ratio)], [numel], [radix.rank_slack(numel, exact)]
     select = torch.ops.gmt_kernels.radix_select
     parts, hist = {}, torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
-    for index in range(radix.max_passes(fmt, [numel])):
-        seen = state.clone()
-        if seen[0, radix.DONE]:
-            label = "finished: reads nothing"
-        elif seen[0, radix.SAMPLE]:
-            label = f"sample of 1/{1 << int(seen[0, radix.SAMPLE])} of the blocks"
-        else:
-            label = f"full pass, interval of {int(seen[0, radix.LAST] - seen[0, radix.LO]) + 1} keys"
 
-        def one_pass(seen=seen):
-            hist.zero_()
-            backend.radix_histogram(grads, [0] * len(grads), seen, hist, key_format=fmt)
+    def trace(state, passes, start):
+        """Adds every pass of a selection from `state` to parts; returns the final state."""
+        for index in range(passes):
+            seen = state.clone()
+            if seen[0, radix.DONE]:
+                label = "finished: reads nothing"
+            elif seen[0, radix.SAMPLE]:
+                label = f"sample of 1/{1 << int(seen[0, radix.SAMPLE])} of the blocks"
+            else:
+                label = f"full pass, interval of {int(seen[0, radix.LAST] - seen[0, radix.LO]) + 1} keys"
 
-        for level in levels:
-            parts[f"[{level}] histogram pass {index + 1} ({label})"] = at_level(level, one_pass)
-        one_pass()
-        parts[f"radix_select after pass {index + 1}"] = lambda h=hist.clone(), s=seen: select(h, s.clone(), fmt.key_bits)
-        select(hist, state, fmt.key_bits)
+            def one_pass(seen=seen):
+                hist.zero_()
+                backend.radix_histogram(grads, [0] * len(grads), seen, hist, key_format=fmt)
+
+            for level in levels:
+                parts[f"{start} [{level}] histogram pass {index + 1} ({label})"] = at_level(level, one_pass)
+            one_pass()
+            parts[f"{start} radix_select after pass {index + 1}"] = lambda h=hist.clone(), s=seen: select(h, s.clone(), fmt.key_bits)
+            select(hist, state, fmt.key_bits)
+        return state
+
+    # The first step starts cold; later ones around the last threshold, here 10 % off (bench drift).
+    state = trace(radix.initial_state(*sizes, fmt), radix.max_passes(fmt, [numel]), "first step:")
+    centre = radix.keys_to_threshold(radix.result_keys(state), fmt) * 1.1
+    state = trace(radix.warm_state(centre, radix.warm_constants(*sizes, fmt), fmt),
+                  radix.max_passes(fmt, [numel], warm=True), "later step:")
     threshold = radix.keys_to_threshold(radix.result_keys(state), fmt).expand(len(grads)).contiguous()
     params = [torch.randn_like(g) for g in grads]
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
@@ -363,6 +378,7 @@ def main():
     print(f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads (torch CPU capability {torch.backends.cpu.get_cpu_capability()}); "
           f"gmt_kernels levels measured: {levels} (supported here: {cpu.supported_capabilities()}); "
+          f"huge pages for torch's CPU tensors: {os.environ.get('THP_MEM_ALLOC_ENABLE') == '1'}; "
           f"load average at start {os.getloadavg()[0]:.1f}")
     print(f"{total} entries, mask_ratio {args.mask_ratio}, scope global, median of {args.steps} interleaved "
           f"steps after warm-up. Targets: bare <= {TARGETS['bare']}, approx <= {TARGETS['approx']}, exact <= "

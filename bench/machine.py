@@ -9,7 +9,14 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import torch
+# Before torch's first allocation (it reads this once): CPU tensors of 2 MiB or more on transparent
+# huge pages. Without them, the pages a process happened to get moved one memory-bound GMT step
+# (8 x 2^22 fp32) between 38 and 52 ms from process to process on this project's VM; with them it
+# stayed at 38-40 ms. Every contender of a run allocates alike. THP_MEM_ALLOC_ENABLE=0 measures
+# without; scripts import this module before torch.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 
 def _cpu_model() -> str:
@@ -67,6 +74,7 @@ def machine_info(device: str) -> dict:
         gmt_kernels_cpu_level=gmt_kernels.backend_info().get("cpu", {}).get("cpu_capability"),
         commit=_commit(),
         platform=platform.platform(),
+        huge_pages=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",  # torch's CPU tensors (see the top)
         load_average_start=os.getloadavg(),
     )
 

@@ -20,12 +20,13 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # the checkout's gmt_kernels, run from anywhere
 
+from machine import OtherProcessesCpu, describe, describe_load, machine_info  # noqa: E402  (before torch)
+
 import torch  # noqa: E402
 
 import cases  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
-from machine import OtherProcessesCpu, describe, describe_load, machine_info  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
