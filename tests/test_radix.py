@@ -189,7 +189,7 @@ WARM_CENTRES = {"on it": 1.0, "7 % above": 1.07, "10 % below": 0.9, "drifted 2x 
 @pytest.mark.parametrize("exact", [True, False])
 def test_a_warm_start_finds_the_threshold_from_any_centre(dtype, centre, exact):
     """radix.warm_state: whatever the centre, the selection ends within max_passes(warm=True) at the
-    exact k-th largest (or within the approximate bound); centred within the bracket's 12 %, the
+    exact k-th largest (or within the approximate bound); centred within 10 % of it, the
     first pass holds it: float32 is within the approximate bound after that one pass, exact after
     two; a 16-bit format is exact after one."""
     fmt = radix.KEY_FORMATS[dtype]
