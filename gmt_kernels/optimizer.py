@@ -1054,8 +1054,8 @@ class _Layout:
     options (batches, scopes, selection work lists, which state tensors the update and the step
     counters take: per-tensor Python work), kept for the next steps while _layout_key is
     unchanged. It holds no gradient or state tensor between steps (memory: zero_grad may free
-    them, state may be replaced or moved): fill() puts the step's in place, release() takes them
-    out again. A gradient or state tensor it was built with that dies invalidates it, so that a
+    them, state may be replaced or moved; only the steps' one tensor, 4 bytes per parameter):
+    fill() puts the step's in place, release() takes them out again. A gradient or state tensor it was built with that dies invalidates it, so that a
     new one at the same id is never mistaken for it; the backends may keep the launch plans of its
     steps in `plans` (backends.storage_vouched)."""
 
