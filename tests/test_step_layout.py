@@ -73,8 +73,26 @@ def state_replaced(params, opt):
     opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
 
 
+# The state tensors the update writes through the launch plans the layout keeps: each one replaced
+# in its dict, or its storage swapped, must be seen (a stale plan would write the old storage).
+def moment_replaced(params, opt):
+    state = opt.state[params[2]]
+    state["exp_avg"] = state["exp_avg"].clone()
+
+
+def moment_storage_swapped(params, opt):
+    state = opt.state[params[0]]
+    state["exp_avg_sq"].data = state["exp_avg_sq"].data.clone()
+
+
+def step_counter_replaced(params, opt):  # no longer one of the views the steps are counted through at once
+    state = opt.state[params[1]]
+    state["step"] = state["step"].clone()
+
+
 CHANGES = [grad_set_to_none, new_grad_object, grad_storage_swapped, param_storage_swapped, hyperparameters_changed,
-           group_added, state_dict_loaded, state_replaced]
+           group_added, state_dict_loaded, state_replaced, moment_replaced, moment_storage_swapped,
+           step_counter_replaced]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -93,10 +111,18 @@ def test_the_cached_layout_follows_every_change_between_steps(backend):
             o.step()
         for i, (p, e) in enumerate(zip(params, expected_params)):
             torch.testing.assert_close(p.detach(), e.detach(), msg=lambda m: f"step {step}, parameter {i}: {m}")
+            state, expected = opt.state.get(p, {}), expected_opt.state.get(e, {})
+            assert state.keys() == expected.keys()
+            for name in state:
+                torch.testing.assert_close(state[name], expected[name],
+                                           msg=lambda m: f"step {step}, parameter {i}, {name}: {m}")
         assert opt.mask_stats() == expected_opt.mask_stats()
 
     both_step()
     both_step()
+    # A fresh optimizer's steps are views of one tensor, counted in one op while the layout holds
+    # (so that the changes below are made to a layout that uses it).
+    assert all(one is not None for _, _, one in opt._layout._counter_fills)
     for change in CHANGES:
         before = opt.__dict__.get("_layout")
         both_step(change)
@@ -107,3 +133,29 @@ def test_the_cached_layout_follows_every_change_between_steps(backend):
         both_step()
         assert opt.__dict__.get("_layout") is steady, change.__name__  # reused while nothing changes
     assert len(params) == 4 and all(len(opt.state[p]) > 0 for p in params)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_state_tensor_replaced_by_a_view_of_its_own_storage_is_seen(backend):
+    """The same storage address in another layout (a transpose of exp_avg): only its identity
+    tells, and a launch plan kept from before would read it as before."""
+
+    def make_square(backend, cached=True):
+        p = torch.nn.Parameter(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+        opt = GMTAdamW([p], lr=1e-2, mask_ratio=0.4, backend=backend)
+        if not cached:
+            opt._layout_key = lambda: (None, None)
+        return p, opt
+
+    (p, opt), (e, expected_opt) = make_square(backend), make_square("reference", cached=False)
+    for step in range(5):
+        g = torch.randn(6, 6, generator=torch.Generator().manual_seed(10 + step))
+        before = opt.__dict__.get("_layout")
+        for q, o in ((p, opt), (e, expected_opt)):
+            q.grad = g.clone() if q.grad is None else q.grad.copy_(g)
+            if step == 3:
+                o.state[q]["exp_avg"] = o.state[q]["exp_avg"].t()
+            o.step()
+        assert (opt.__dict__.get("_layout") is before) == (step not in (0, 3))  # rebuilt, else reused
+        torch.testing.assert_close(p.detach(), e.detach(), msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(opt.state[p]["exp_avg"], expected_opt.state[e]["exp_avg"])

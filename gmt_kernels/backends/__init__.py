@@ -271,13 +271,30 @@ def contiguous_slots(thresholds: torch.Tensor, kept: torch.Tensor) -> tuple:
 _vouching: list = [None]  # storage_vouched's tokens, innermost last
 
 
+class VouchedList(list):
+    """A list of tensors with `call`, a hashable name that a storage_vouched caller gives the call
+    it passes the list to (see storage_vouched)."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, items=(), call=None):
+        super().__init__(items)
+        self.call = call
+
+
 @contextlib.contextmanager
 def storage_vouched(token: object) -> Iterator[None]:
-    """While active, the caller vouches that every gradient and parameter it passes to
-    radix_histogram and masked_adamw (params, grads; not the states) has the storage it had the
-    last time it was passed under the same token (GMTAdamW: the data_ptrs its cached layout's key
-    checks once per step), so that a backend that caches per-tensor launch plans may skip checking
-    them again at every call."""
+    """While active, the caller vouches that every tensor it passes to radix_histogram and
+    masked_adamw (grads, params, Scoring.weights, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+    masks) has the storage it had the last time it was passed under the same token, and that all
+    but the weights (which may be fresh views each step) stay alive while the token is used, so
+    that a tensor with the id of one passed earlier under the token is that tensor (GMTAdamW: its
+    cached layout's key checks their ids and data_ptrs once per step, and a layout whose tensors
+    die is not used again). A backend that caches per-tensor launch plans may then skip their
+    data_ptr checks, and keep the plans of calls without weights in `token.plans`, a dict that
+    lives and dies with the token. A call whose leading list (radix_histogram's grads,
+    masked_adamw's params) is a VouchedList passes, in every list, the same tensors as every other
+    call under the token whose leading list has the same `call`: its plan may be found by that."""
     _vouching.append(token)
     try:
         yield

@@ -98,9 +98,15 @@ def _dispatch_needed() -> bool:
     return torch.is_grad_enabled() or torch.compiler.is_compiling() or _current_dispatch_mode() is not None
 
 
+def _as_list(items) -> list:
+    """items as a list: itself if it is one (a VouchedList keeps its call), else a copy."""
+    return items if isinstance(items, list) else list(items)
+
+
 def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD) -> None:
     if not _dispatch_needed():
-        return _histogram_kernel(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
+        return _histogram_kernel(_as_list(grads), list(scope_of), state, hist, key_format.name,
+                                 **scoring.schema_args())
     histogram_op, _ = _ops_for(hist.device)
     histogram_op(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
 
@@ -108,8 +114,8 @@ def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD) -
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask) -> None:
     if not _dispatch_needed():
         return _masked_adamw_kernel(
-            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
-            mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args())
+            _as_list(params), _as_list(grads), _as_list(exp_avgs), _as_list(exp_avg_sqs), _as_list(max_exp_avg_sqs),
+            _as_list(steps), mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args())
     _, adamw_op = _ops_for(kept.device)
     adamw_op(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),

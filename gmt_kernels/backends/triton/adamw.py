@@ -22,7 +22,7 @@ import triton.language as tl
 from .histogram import TORCH_TO_TRITON
 from .scoring import (CRITERIA, check_random_inputs, div_rn, eps_from_bits, float64_bits, narrow, random_key_halves,
                       random_u, weight_score, widen)
-from .. import contiguous_slots, memory_order_view
+from .. import VouchedList, contiguous_slots, memory_order_view
 from ...masks import mask_rows, mask_shape
 from .tables import cached_plan, is_aligned, launch_table
 
@@ -462,7 +462,8 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
     by_reference, tables = cached_plan(
         tensors, (device, amsgrad, len(params), bool(masks), row_major, slot),
         lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major,
-                       slot), True), vouched=2 * len(params))  # params and grads; the states are checked
+                       slot), True), vouched=len(tensors), lasting=True,
+        call=params.call if isinstance(params, VouchedList) else None)
     for i in by_reference:
         fallback(i, thresholds, kept)  # e.g. a gradient laid out unlike its parameter: rare, tensor by tensor
     if tables:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ... import radix
 from ...radix import KeyFormat
-from .. import memory_order_view
+from .. import VouchedList, memory_order_view
 from .scoring import CRITERIA, check_random_inputs, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
 from .tables import cached_plan, is_aligned, launch_table, sample_list
 
@@ -349,7 +349,7 @@ def inf_key_for(key_float) -> int:
 
 
 def _plan(grads, scope_of, scoring, device) -> tuple:
-    """([(grad dtype, theta dtype, aligned, LaunchTable, SampleList, temporaries)], cacheable): one
+    """([(grid, LaunchTable, SampleList, compile-time arguments, temporaries)], cacheable): one
     launch per (dtype of g, dtype of theta, alignment); "random" reads neither, so one launch."""
     launches = defaultdict(lambda: ([], []))
     keep_alive = []
@@ -392,7 +392,11 @@ def _plan(grads, scope_of, scoring, device) -> tuple:
         log2s = [max(1, radix.sample_log2(scope_numel[row[1]])) for row in rows]
         samples = sample_list(numels, [row[2] for row in rows], log2s, radix.SAMPLE_BLOCK,
                               BLOCK // radix.SAMPLE_BLOCK, device)
-        plan.append((dtype, weight, aligned, launch_table(rows, numels, CHUNK, device), samples, keep_alive))
+        lt = launch_table(rows, numels, CHUNK, device)
+        grid = (min(max(lt.num_chunks, samples.num_items), _programs(device)),)
+        constants = dict(GRAD=TORCH_TO_TRITON[dtype], ALIGNED=aligned,
+                         WEIGHT=None if weight is None else TORCH_TO_TRITON[weight])
+        plan.append((grid, lt, samples, constants, keep_alive))
     return plan, not keep_alive  # a copy is made afresh for every call
 
 
@@ -422,26 +426,37 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat, sco
     for tensor in (state, hist):
         if not tensor.is_contiguous() or tensor.dtype != torch.int64:
             raise ValueError("radix_histogram: state and hist must be contiguous int64 tensors.")
-    grads = list(grads)
+    call = grads.call if isinstance(grads, VouchedList) else None
+    grads = grads if isinstance(grads, list) else list(grads)
     criterion = scoring.criterion
     _check_scoring(scoring, key_format, len(grads))
     weights = list(scoring.weights) if criterion == "grad_over_weight" else []
-    plan = cached_plan(grads + weights, (hist.device, tuple(scope_of), criterion),
-                       lambda: _plan(grads, scope_of, scoring, hist.device), vouched=len(grads) + len(weights))
+    plan = cached_plan(grads + weights if weights else grads, (hist.device, tuple(scope_of), criterion),
+                       lambda: _plan(grads, scope_of, scoring, hist.device), vouched=len(grads) + len(weights),
+                       lasting=not weights, call=call)
     random = criterion == "random"
-    key_float = tl.uint32 if random else TORCH_TO_TRITON[key_format.float_dtype]
     extra = dict(random_keys=scoring.random_keys if random else None,
                  entry_offsets=scoring.entry_offsets if random else None,
                  score_eps_bits=float64_bits(scoring.score_eps) if criterion == "grad_over_weight" else None)
-    for dtype, weight, aligned, lt, samples, keep_alive in plan:
-        radix_histogram_kernel[(min(max(lt.num_chunks, samples.num_items), _programs(hist.device)),)](
+    constants = _launch_constants(key_format, criterion)
+    for grid, lt, samples, plan_constants, keep_alive in plan:
+        radix_histogram_kernel[grid](
             lt.table, lt.chunk_owner, state, hist, lt.num_chunks, state.shape[0], samples.items, samples.blocks,
-            samples.num_items, **extra,
-            GRAD=TORCH_TO_TRITON[dtype], KEY_FLOAT=key_float,
-            INF_KEY=inf_key_for(key_float), ALIGNED=aligned, BINS=BINS, BLOCK=BLOCK, ITERS=ITERS,
-            STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK, CRITERION=criterion,
-            WEIGHT=None if weight is None else TORCH_TO_TRITON[weight], num_warps=NUM_WARPS,
-        )
+            samples.num_items, **extra, **constants, **plan_constants)
+
+
+_constants: dict = {}
+
+
+def _launch_constants(key_format: KeyFormat, criterion: str) -> dict:
+    """The histogram kernel's compile-time arguments fixed by the key format and criterion."""
+    key = (key_format.name, criterion)
+    if key not in _constants:
+        key_float = tl.uint32 if criterion == "random" else TORCH_TO_TRITON[key_format.float_dtype]
+        _constants[key] = dict(KEY_FLOAT=key_float, INF_KEY=inf_key_for(key_float), BINS=BINS, BLOCK=BLOCK,
+                               ITERS=ITERS, STATE_COLUMNS=radix.STATE_COLUMNS, SAMPLE_BLOCK=radix.SAMPLE_BLOCK,
+                               CRITERION=criterion, num_warps=NUM_WARPS)
+    return _constants[key]
 
 
 _INTERPRETER_PROGRAMS = 8  # CPU tensors (interpreter): few programs, so that tests exercise the loop

@@ -123,7 +123,10 @@ def is_aligned(*tensors: torch.Tensor) -> bool:
 # data_ptr per tensor and call, skipped where the caller vouches for it: storage_vouched), which
 # is every step of a training loop that keeps its gradients; a new gradient object
 # (zero_grad(set_to_none=True)) rebuilds the plan, and the table cache above still avoids the copy
-# if the addresses are the same.
+# if the addresses are the same. Under storage_vouched, a call whose tensors the caller keeps
+# alive and vouches for (GMTAdamW's steady steps) keeps its plan in the token's own store instead,
+# where a comparison of ids is the whole check (no weak references, no data_ptrs, no LRU), or none
+# at all for a call the caller names (a VouchedList).
 
 
 class _Plan:
@@ -140,12 +143,28 @@ class _Plan:
 _PLAN_CACHE_SIZE = 64
 _plans: "OrderedDict[tuple, _Plan]" = OrderedDict()
 _data_ptr = torch.Tensor.data_ptr
-def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], tuple], *, vouched: int = 0):
+
+
+def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], tuple], *, vouched: int = 0,
+                lasting: bool = False, call=None):
     """build() -> (plan, cacheable); the plan of an earlier call with these very tensors (same
     objects, same data_ptrs) and the same `extra` if there is one. vouched: the first `vouched`
-    tensors are gradients or parameters that backends.storage_vouched covers."""
-    key = (extra, tuple(map(id, tensors)))
+    tensors are ones backends.storage_vouched covers; lasting: all of them are, and are kept alive
+    by the caller while its token is used (the token's store then holds the plan); call: the
+    VouchedList.call of the call's leading list, if it has one (then the plan is found by it)."""
     token = vouched_token() if vouched else None
+    if token is not None and lasting and vouched == len(tensors):
+        if call is not None:
+            key = ("call", extra, call)
+            hit = token.plans.get(key)
+            if hit is None:
+                value, cacheable = build()
+                if not cacheable:
+                    return value
+                hit = token.plans[key] = value
+            return hit
+        return _token_plan(token.plans, tensors, extra, build)
+    key = (extra, tuple(map(id, tensors)))
     hit = _plans.get(key)
     if hit is not None and hit.alive:
         start = vouched if token is not None and hit.token is token else 0
@@ -159,4 +178,19 @@ def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[
         _plans.move_to_end(key)
         if len(_plans) > _PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
+    return value
+
+
+def _token_plan(store: dict, tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], tuple]):
+    """cached_plan for tensors a storage_vouched token keeps alive with their storage: equal ids are
+    the same tensors with the same storage. Keyed by the call (extra, its size and first tensor),
+    so a token holds one plan per call of its step; a call whose tensors differ replaces it."""
+    ids = list(map(id, tensors))
+    key = (extra, len(ids), ids[0] if ids else None)
+    hit = store.get(key)
+    if hit is not None and hit[0] == ids:
+        return hit[1]
+    value, cacheable = build()
+    if cacheable:
+        store[key] = (ids, value)
     return value
