@@ -1089,9 +1089,9 @@ class _Layout:
     counters take: per-tensor Python work), kept for the next steps while _layout_key is
     unchanged. It holds no gradient or state tensor between steps (memory: zero_grad may free
     them, state may be replaced or moved; only the steps' one tensor, 4 bytes per parameter):
-    fill() puts the step's in place, release() takes them out again. A gradient or state tensor it was built with that dies invalidates it, so that a
-    new one at the same id is never mistaken for it; the backends may keep the launch plans of its
-    steps in `plans` (backends.storage_vouched)."""
+    fill() puts the step's in place, release() takes them out again. A gradient or state tensor it
+    was built with that dies invalidates it, so that a new one at the same id is never mistaken for
+    it; the backends may keep the launch plans of its steps in `plans` (backends.storage_vouched)."""
 
     def __init__(self, key, grads, state_tensors, stored_masks, batches, scopes, records, works):
         self.key, self.batches, self.scopes, self.records, self.works = key, batches, scopes, records, works
