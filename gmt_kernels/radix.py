@@ -333,7 +333,7 @@ def warm_constants(ks, numels, slacks, fmt: KeyFormat) -> tuple:
     LO in [1, key_max - w] (from key 1: `zero_key_start`) and LAST in [w, key_max], so that any
     centre key (a NaN of either sign, -0.0, past the range) gives a bracket inside the key range."""
     half = fmt.warm_half_width
-    shift = max(0, (2 * half).bit_length() - RADIX_BITS)
+    shift = max(0, (2 * half).bit_length() - RADIX_BITS)  # _shift_for's rule, on a Python int (traceable)
     template = _initial_rows(ks, numels, slacks, fmt)
     weight = [[0] * STATE_COLUMNS for _ in ks]
     lower = [[-(1 << 63)] * STATE_COLUMNS for _ in ks]

@@ -9,8 +9,9 @@ need the device to tell the host; a pass over scopes that are all DONE reads no 
 
 Nothing in a steady-state step comes from host data: the initial state is built once per set of
 scope sizes and kept on the device (a step copies it device to device, or starts warm from it and
-the last thresholds, radix.warm_state), so a step can be captured in a CUDA graph. On a GPU a pass is two launches (histogram, select) when every pass gets its own
-zeroed histogram rows, one allocation per step (small scope counts), else three (a zero_ per pass).
+the last thresholds, radix.warm_state), so a step can be captured in a CUDA graph. On a GPU a pass
+is two launches (histogram, select) when every pass gets its own zeroed histogram rows, one
+allocation per step (small scope counts), else three (a zero_ per pass).
 """
 
 from __future__ import annotations
