@@ -483,10 +483,11 @@ class GMTAdamW(torch.optim.Optimizer):
         return refreshed
 
     def _layout_key(self) -> tuple:
-        """(key, (grads, state tensors)): what the batches, scopes and states of a step are derived
-        from, cheap to compare (identities, storage addresses, the groups' layout options), every
-        parameter's grad in group order and the state tensors the key covers (_layout_key_of).
-        (None, None) where nothing is cached: sharded runs, torch.compile."""
+        """(key, (grads, state tensors, grad storage)): what the batches, scopes and states of a step
+        are derived from, cheap to compare (identities, storage addresses, the groups' layout
+        options, which parameters have a gradient), every parameter's grad in group order, the state
+        tensors the key covers and where the gradients lie (_layout_key_of). (None, None) where
+        nothing is cached: sharded runs, torch.compile."""
         if self._sharding is not None or torch.compiler.is_compiling():
             return None, None
         try:
@@ -495,19 +496,20 @@ class GMTAdamW(torch.optim.Optimizer):
             return None, None
 
     def _layout_key_of(self, state) -> tuple:
-        """(key, (grads, the state tensors whose ids and data_ptrs the key holds))."""
+        """(key, (grads, the state tensors whose ids and data_ptrs the key holds, grad storage)).
+        The gradients are not in the key, only which parameters have one: zero_grad() (set_to_none)
+        makes new gradient objects every step, and the layout derived from the parameters holds for
+        them. Their storage (data_ptrs, strides) is what launch plans depend on: _Layout.fill drops
+        the plans when it moved."""
         key = [id(state), len(state), self.scope, self.criterion, self.refresh_every, self.nonfinite,
                self.mask_mode, self.threshold, self.backend]
         grads, more_state = [], []
         for group in self.param_groups:
             params = group["params"]
-            group_grads = [p.grad for p in params]
-            grads += group_grads
+            grads += [p.grad for p in params]
             key += (id(group), len(params), group["mask_ratio"], group["amsgrad"], id(group.get("param_names")))
             key += map(id, params)
             key += map(Tensor.data_ptr, params)  # p.data replaced (module.half(), .to()): its dtype, shape may differ
-            key += map(id, group_grads)
-            key += _data_ptrs(group_grads)
             names = (("max_exp_avg_sq",) if group["amsgrad"] else ()) + (
                 ("gmt_mask",) if self.refresh_every != 1 and group["mask_ratio"] > 0 else ())
             if names:
@@ -524,7 +526,14 @@ class GMTAdamW(torch.optim.Optimizer):
             state_tensors += _state_entries(list(map(state.get, params)), names)
         key += map(id, state_tensors)
         key += _data_ptrs(state_tensors)
-        return key, (grads, state_tensors)
+        # A gradient's dtype, device and shape are its parameter's (the grad setter and autograd
+        # enforce it); its address and strides may change from step to step.
+        grad_ptrs = _data_ptrs(grads)
+        present = grads
+        if None in grad_ptrs:
+            key.append(tuple(i for i, ptr in enumerate(grad_ptrs) if ptr is None))  # parameters without a gradient
+            present = [g for g in grads if g is not None]
+        return key, (grads, state_tensors, (grad_ptrs, list(map(Tensor.stride, present))))
 
     def _nonfinite_count(self, selections) -> Tensor:
         """NaN/inf gradient entries of the step, from the selections that count them on the gradient."""
@@ -1089,17 +1098,20 @@ class _Layout:
     counters take: per-tensor Python work), kept for the next steps while _layout_key is
     unchanged. It holds no gradient or state tensor between steps (memory: zero_grad may free
     them, state may be replaced or moved; only the steps' one tensor, 4 bytes per parameter):
-    fill() puts the step's in place, release() takes them out again. A gradient or state tensor it
-    was built with that dies invalidates it, so that a new one at the same id is never mistaken for
-    it; the backends may keep the launch plans of its steps in `plans` (backends.storage_vouched)."""
+    fill() puts the step's in place, release() takes them out again. A state tensor it was built
+    with that dies invalidates it, so that a new one at the same id is never mistaken for it. New
+    gradient objects keep it (zero_grad() makes them every step); the backends may keep the launch
+    plans of its steps in `plans` (backends.storage_vouched) while the gradients' storage stays."""
 
-    def __init__(self, key, grads, state_tensors, stored_masks, batches, scopes, records, works):
+    def __init__(self, key, grads, state_tensors, grad_storage, stored_masks, batches, scopes, records, works):
         self.key, self.batches, self.scopes, self.records, self.works = key, batches, scopes, records, works
         self.plans = {}  # the backends' launch plans for steps under this layout (storage_vouched)
+        self.moved_plans = {}  # during a step whose gradients moved: the plans of the step before
+        self.grad_storage = grad_storage  # (data_ptrs, strides) of the gradients the plans were made for
         self._alive = [True]
         alive = self._alive
         died = lambda _, alive=alive: alive.clear()  # noqa: E731
-        self._refs = [weakref.ref(t, died) for t in (*grads, *state_tensors) if isinstance(t, Tensor)]
+        self._refs = [weakref.ref(t, died) for t in state_tensors if isinstance(t, Tensor)]
         index = {id(g): i for i, g in enumerate(grads) if g is not None}
         pick = lambda gs, call=None: _picker([index[id(g)] for g in gs], call)  # noqa: E731
         self._fills = [(batch, pick(batch.grads)) for batch in batches]
@@ -1118,12 +1130,16 @@ class _Layout:
         self._counter_fills = [(device, pick(steps), one_tensor)
                                for device, steps, one_tensor in _step_counters(batches, one_tensor=True)]
         self.counters = None  # while filled: _step_counters of the step
-        self.fill(grads, state_tensors)
+        self.fill(grads, state_tensors, grad_storage)
 
     def valid(self, key: tuple) -> bool:
         return bool(self._alive) and key == self.key
 
-    def fill(self, grads: list, state_tensors: list) -> list:
+    def fill(self, grads: list, state_tensors: list, grad_storage: tuple) -> list:
+        if grad_storage != self.grad_storage:  # new plans; repointed ones where only addresses changed
+            self.moved_plans = self.plans if grad_storage[1] == self.grad_storage[1] else {}
+            self.plans = {}
+            self.grad_storage = grad_storage
         for batch, pick in self._fills:
             batch.grads = pick(grads)
         for scope, pick in self._scope_fills:
@@ -1147,6 +1163,7 @@ class _Layout:
         for batch, _ in self._state_fills:
             batch.state_lists = None
         self.counters = None
+        self.moved_plans = {}
 
 
 _STEP_STATE = ("step", "exp_avg", "exp_avg_sq")  # what every update is given of a parameter's state

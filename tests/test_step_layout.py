@@ -3,7 +3,9 @@ between steps while a cheap key is unchanged (optimizer._Layout), and the Triton
 re-checking the storage of gradients and parameters that the key has checked. Every change that
 the key must see is made here between steps, and each step is compared with the reference backend
 run without the cache; the test also checks that the cache was reused on steady steps and rebuilt
-after each change, so that it cannot pass with the cache never used.
+after each change, so that it cannot pass with the cache never used. Gradients that are new
+objects or move (zero_grad() makes new ones every step) keep the layout: the launch plans are
+repointed to them, and the old storage, kept alive and overwritten, would show a stale plan.
 """
 
 from __future__ import annotations
@@ -41,12 +43,24 @@ def grad_set_to_none(params, opt):
     params[1].grad = None
 
 
+_junked = []  # old gradient storage, kept alive and overwritten: a plan still reading it is seen
+
+
+def _junk(t):
+    _junked.append(t)
+    t.fill_(1e3)
+
+
 def new_grad_object(params, opt):
-    params[0].grad = params[0].grad.clone()
+    old = params[0].grad
+    params[0].grad = old.clone()
+    _junk(old)
 
 
 def grad_storage_swapped(params, opt):  # same tensor object, new storage
-    params[2].grad.data = params[2].grad.data.clone()
+    old = params[2].grad.data
+    params[2].grad.data = old.clone()
+    _junk(old)
 
 
 def param_storage_swapped(params, opt):  # as module.to() does: the Parameter object is kept
@@ -93,6 +107,7 @@ def step_counter_replaced(params, opt):  # no longer one of the views the steps 
 CHANGES = [grad_set_to_none, new_grad_object, grad_storage_swapped, param_storage_swapped, hyperparameters_changed,
            group_added, state_dict_loaded, state_replaced, moment_replaced, moment_storage_swapped,
            step_counter_replaced]
+GRADIENTS_MOVED = (new_grad_object, grad_storage_swapped)  # the layout holds; plans are repointed
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -127,7 +142,7 @@ def test_the_cached_layout_follows_every_change_between_steps(backend):
         before = opt.__dict__.get("_layout")
         both_step(change)
         after = opt.__dict__.get("_layout")
-        assert after is not None and after is not before, change.__name__  # rebuilt
+        assert after is not None and (after is before) == (change in GRADIENTS_MOVED), change.__name__  # rebuilt
         both_step()  # (a gradient set to None comes back here: rebuilt again)
         steady = opt.__dict__.get("_layout")
         both_step()
@@ -138,7 +153,8 @@ def test_the_cached_layout_follows_every_change_between_steps(backend):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_a_state_tensor_replaced_by_a_view_of_its_own_storage_is_seen(backend):
     """The same storage address in another layout (a transpose of exp_avg): only its identity
-    tells, and a launch plan kept from before would read it as before."""
+    tells, and a launch plan kept from before would read it as before. Likewise a new gradient
+    object there: its strides tell (the layout holds, its plans do not)."""
 
     def make_square(backend, cached=True):
         p = torch.nn.Parameter(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
@@ -153,9 +169,42 @@ def test_a_state_tensor_replaced_by_a_view_of_its_own_storage_is_seen(backend):
         before = opt.__dict__.get("_layout")
         for q, o in ((p, opt), (e, expected_opt)):
             q.grad = g.clone() if q.grad is None else q.grad.copy_(g)
+            if step == 2:  # a new gradient object on the same storage, transposed: same address, new strides
+                q.grad = torch.empty(0).set_(q.grad.untyped_storage(), 0, (6, 6), (1, 6)).copy_(g)
             if step == 3:
                 o.state[q]["exp_avg"] = o.state[q]["exp_avg"].t()
             o.step()
         assert (opt.__dict__.get("_layout") is before) == (step not in (0, 3))  # rebuilt, else reused
         torch.testing.assert_close(p.detach(), e.detach(), msg=lambda m: f"step {step}: {m}")
         torch.testing.assert_close(opt.state[p]["exp_avg"], expected_opt.state[e]["exp_avg"])
+
+
+def test_gradients_made_anew_every_step_keep_the_layout_and_its_plans_are_repointed(monkeypatch):
+    """zero_grad() then new gradients at new addresses, every step (the old ones kept alive and
+    overwritten): steps equal the uncached reference, the layout is never rebuilt and, once the
+    layout's plans exist, none is made from scratch (each is repointed)."""
+    from gmt_kernels.backends.triton import adamw, histogram
+
+    builds = []
+    for module in (adamw, histogram):
+        plan = module._plan
+        monkeypatch.setattr(module, "_plan", lambda *a, plan=plan, **k: builds.append(1) or plan(*a, **k))
+    params, opt = make("triton")
+    expected_params, expected_opt = make("reference", cached=False)
+    layouts = set()
+    for step in range(5):
+        builds.clear()
+        for ps, o in ((params, opt), (expected_params, expected_opt)):
+            old = [p.grad for p in ps]
+            o.zero_grad()
+            set_grads(ps, step)
+            for g in old:
+                if g is not None:
+                    _junk(g)
+            o.step()
+        layouts.add(id(opt._layout))
+        assert (len(builds) > 0) == (step <= 1), f"step {step}: {len(builds)} plans made"  # (1: the layout's first use)
+        for i, (p, e) in enumerate(zip(params, expected_params)):
+            torch.testing.assert_close(p.detach(), e.detach(), msg=lambda m: f"step {step}, parameter {i}: {m}")
+        assert opt.mask_stats() == expected_opt.mask_stats()
+    assert len(layouts) == 1

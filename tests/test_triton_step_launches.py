@@ -20,15 +20,20 @@ from gmt_kernels import GMTAdamW, radix  # noqa: E402
 from gmt_kernels.backends.triton.counting import DeviceWork  # noqa: E402
 
 
-def steady_step(n_tensors, stub_kernels=False, dtype=torch.float32, **options):
+def steady_step(n_tensors, stub_kernels=False, dtype=torch.float32, new_grads=False, **options):
     """(DeviceWork of the third step, passes per selection, the optimizer and its parameters).
     A steady step's selection starts around the last threshold (radix.warm_state): it never samples.
-    stub_kernels: count Triton launches without running them (the counts do not depend on values)."""
+    stub_kernels: count Triton launches without running them (the counts do not depend on values).
+    new_grads: zero_grad() and new gradients at new addresses every step, as a training loop does."""
     gen = torch.Generator().manual_seed(n_tensors)
     params = [torch.nn.Parameter(torch.randn(20 + 7 * (i % 5), generator=gen).to(dtype)) for i in range(n_tensors)]
     opt = GMTAdamW(params, lr=1e-2, backend="triton", **options)
+    old = []
     for step in range(3):
-        for p in params:  # in place: the gradients keep their storage from step to step
+        if new_grads:
+            old = [p.grad for p in params]  # kept alive: the new ones cannot take their addresses
+            opt.zero_grad()
+        for p in params:  # else in place: the gradients keep their storage from step to step
             g = torch.randn(p.shape, generator=gen).to(dtype)
             p.grad = g if p.grad is None else p.grad.copy_(g)
         with DeviceWork(stub_kernels=stub_kernels) as work:
@@ -50,6 +55,21 @@ def test_launches_per_step_are_bounded_and_independent_of_the_tensor_count(dtype
         counts[n] = dict(work.launches)
     assert passes == expected_passes
     assert counts[12] == counts[120]
+
+
+def test_gradients_made_anew_each_step_add_launches_independent_of_the_tensor_count():
+    """The layout holds and its two launch tables (histogram, update) are repointed: per table, its
+    gradient column set on the host and one copy to the device (counted here as two ops: under the
+    interpreter the host table is a "device" tensor too)."""
+    extra = {}
+    for n in (12, 120):
+        kept, _, _, _ = steady_step(n, stub_kernels=True)
+        moved, _, _, _ = steady_step(n, stub_kernels=True, new_grads=True)
+        assert {k: v for k, v in moved.launches.items() if k.startswith("triton:")} == {
+            k: v for k, v in kept.launches.items() if k.startswith("triton:")}
+        extra[n] = moved.total - kept.total
+        assert len(moved.host_data) == 2, moved.host_data  # the two new gradient columns
+    assert extra[12] == extra[120] <= 4, extra
 
 
 def test_a_steady_step_takes_no_host_data():

@@ -294,7 +294,12 @@ def storage_vouched(token: object) -> Iterator[None]:
     data_ptr checks, and keep the plans of calls without weights in `token.plans`, a dict that
     lives and dies with the token. A call whose leading list (radix_histogram's grads,
     masked_adamw's params) is a VouchedList passes, in every list, the same tensors as every other
-    call under the token whose leading list has the same `call`: its plan may be found by that."""
+    call under the token whose leading list has the same `call`: its plan may be found by that.
+    Gradients are the exception: they may be new objects at each use of the token, and where
+    their storage differs from the last use, the caller empties `token.plans` first. If only their
+    addresses changed (same strides, so the same layout), it moves the old plans to
+    `token.moved_plans`, from which a backend may take a named call's plan and repoint it to the
+    new addresses."""
     _vouching.append(token)
     try:
         yield

@@ -18,6 +18,7 @@ the shared names belongs to the C++ kernels.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import replace
 from typing import Optional
@@ -38,7 +39,7 @@ if "mask" not in inspect.signature(tl.histogram).parameters:
 from ... import ops  # noqa: E402
 from ...options import CRITERIA, GRAD, Scoring, records_from_schema  # noqa: E402
 from ...radix import KEY_FORMATS_BY_NAME  # noqa: E402
-from .. import Backend, register  # noqa: E402
+from .. import Backend, VouchedList, register  # noqa: E402
 from .. import reference  # noqa: E402
 from .adamw import launch_masked_adamw  # noqa: E402
 from .histogram import TORCH_TO_TRITON, launch_histogram, radix_histogram_kernel  # noqa: E402
@@ -103,12 +104,33 @@ def _as_list(items) -> list:
     return items if isinstance(items, list) else list(items)
 
 
+# The VouchedList.call of an operator call's leading list, which the dispatcher's list conversion
+# drops: set around the call, taken back by the kernel (a mode that counts launches then sees the
+# launch plans an eager step uses).
+_dispatched_call: list = [None]
+
+
+@contextlib.contextmanager
+def _naming(items):
+    _dispatched_call[0] = items.call if isinstance(items, VouchedList) else None
+    try:
+        yield
+    finally:
+        _dispatched_call[0] = None
+
+
+def _named(items: list) -> list:
+    call, _dispatched_call[0] = _dispatched_call[0], None
+    return items if call is None else VouchedList(items, call)
+
+
 def radix_histogram(grads, scope_of, state, hist, *, key_format, scoring=GRAD) -> None:
     if not _dispatch_needed():
         return _histogram_kernel(_as_list(grads), list(scope_of), state, hist, key_format.name,
                                  **scoring.schema_args())
     histogram_op, _ = _ops_for(hist.device)
-    histogram_op(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
+    with _naming(grads):
+        histogram_op(list(grads), list(scope_of), state, hist, key_format.name, **scoring.schema_args())
 
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, *, options, mask) -> None:
@@ -117,10 +139,11 @@ def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k
             _as_list(params), _as_list(grads), _as_list(exp_avgs), _as_list(exp_avg_sqs), _as_list(max_exp_avg_sqs),
             _as_list(steps), mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args())
     _, adamw_op = _ops_for(kept.device)
-    adamw_op(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
-        mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args(),
-    )
+    with _naming(params):
+        adamw_op(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps),
+            mask.thresholds, kept, list(mask.masks), **options.schema_args(), **mask.schema_args(),
+        )
 
 
 # ---- the operator kernels ------------------------------------------------------------------------
@@ -133,7 +156,7 @@ def _histogram_kernel(grads, scope_of, state, hist, key_format, **scoring) -> No
             f"radix_histogram: unknown key_format {key_format!r}; expected one of "
             f"{', '.join(map(repr, KEY_FORMATS_BY_NAME))} (radix.key_format_for picks one)."
         )
-    launch_histogram(grads, scope_of, state, hist, key_format=fmt, scoring=Scoring(**scoring))
+    launch_histogram(_named(grads), scope_of, state, hist, key_format=fmt, scoring=Scoring(**scoring))
 
 
 def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, thresholds, kept, masks,
@@ -154,7 +177,7 @@ def _masked_adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
             [max_exp_avg_sqs[i]] if options.amsgrad else [], [steps[i]], kept[one], options=options,
             mask=replace(mask, thresholds=thresholds[one], scoring=scoring, masks=tuple(mask.masks[one])))
 
-    launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, options=options,
+    launch_masked_adamw(_named(params), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kept, options=options,
                         mask=mask, fallback=one_tensor_by_reference)
 
 

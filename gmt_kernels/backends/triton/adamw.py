@@ -24,7 +24,7 @@ from .scoring import (CRITERIA, check_random_inputs, div_rn, eps_from_bits, floa
                       random_u, weight_score, widen)
 from .. import VouchedList, contiguous_slots, memory_order_view
 from ...masks import mask_rows, mask_shape
-from .tables import cached_plan, is_aligned, launch_table
+from .tables import Launch, cached_plan, is_aligned, launch_table, repointed
 
 # 4 warps x 16 bytes of each tensor per thread per iteration (one 128-bit access: 4 fp32 or 8
 # 16-bit entries; fp64 takes two), 8 iterations per program: 8-16 KiB of each of g/p/m/v per
@@ -384,12 +384,12 @@ def _check_masks(params, masks) -> None:
 
 
 def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major, slot) -> tuple:
-    """(tensors to update by reference, [(aligned, LaunchTable)]): one launch per alignment.
+    """(tensors to update by reference, [tables.Launch]): one launch per alignment.
     row_major: entries are indexed row-major (random scores, stored masks), so only contiguous
     parameters go to the kernel (which indexes memory order). slot: the stride of thresholds and
     kept (0: every tensor shares one threshold and one counter)."""
     device, dtype = params[0].device, params[0].dtype
-    launches = defaultdict(lambda: ([], []))
+    launches = defaultdict(lambda: ([], [], []))
     by_reference = []
     for i, p in enumerate(params):
         if p.dtype != dtype or p.device != device:
@@ -406,17 +406,28 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, a
             by_reference.append(i)
             continue
         ptrs = [f.data_ptr() for f in flats] + ([] if amsgrad else [0])
-        rows, numels = launches[is_aligned(*flats)]
+        rows, numels, indexes = launches[is_aligned(*flats)]
         stored = (masks[i].data_ptr(), mask_rows(p.shape)[1]) if masks else ()  # mask, inner
         rows.append((*ptrs, steps[i].data_ptr(), i * slot, *stored))  # the threshold / kept slot
         numels.append(p.numel())
+        indexes.append(i)
     if launches:
         for step in steps:
             if step.dtype != torch.float32 or step.device != device:
                 raise ValueError("masked_adamw: every step must be a 0-d float32 tensor on the parameters' device.")
-    tables = [(aligned, launch_table(rows, numels, block_for(dtype) * ITERS, device))
-              for aligned, (rows, numels) in launches.items()]
+    tables = [Launch(aligned, launch_table(rows, numels, block_for(dtype) * ITERS, device), _GRAD_COLUMN, indexes)
+              for aligned, (rows, numels, indexes) in launches.items()]
     return by_reference, tables
+
+
+_GRAD_COLUMN = 1  # of a table row: param, grad, exp_avg, exp_avg_sq, ...
+
+
+def _repointed(plan, grads):
+    """The plan for gradients that moved (laid out as before), or None (see tables.repointed)."""
+    by_reference, tables = plan
+    moved = [repointed(launch, grads) for launch in tables]
+    return None if None in moved else (by_reference, moved)
 
 
 def _check_mask_source(mask, n: int) -> None:
@@ -463,7 +474,8 @@ def launch_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
         tensors, (device, amsgrad, len(params), bool(masks), row_major, slot),
         lambda: (_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masks, amsgrad, row_major,
                        slot), True), vouched=len(tensors), lasting=True,
-        call=params.call if isinstance(params, VouchedList) else None)
+        call=params.call if isinstance(params, VouchedList) else None,
+        repoint=lambda plan: _repointed(plan, grads))
     for i in by_reference:
         fallback(i, thresholds, kept)  # e.g. a gradient laid out unlike its parameter: rare, tensor by tensor
     if tables:
@@ -487,7 +499,8 @@ def _launch(tables, params, thresholds, kept, options, mask, dtype, compute, ams
                  score_eps_bits=float64_bits(scoring.score_eps) if criterion == "grad_over_weight" else None,
                  refresh_ptr=mask.refresh.view(torch.uint8) if masks and mask.refresh is not None else None)
     block = block_for(dtype)
-    for aligned, lt in tables:
+    for launch in tables:
+        aligned, lt = launch.aligned, launch.table
         masked_adamw_kernel[(lt.num_chunks,)](
             lt.table, lt.chunk_owner, thresholds, kept, lr_tensor, scale, skip_bytes,
             0.0 if lr_is_tensor else float(lr), float(options.weight_decay), float(options.beta1),

@@ -33,7 +33,7 @@ from ... import radix
 from ...radix import KeyFormat
 from .. import VouchedList, memory_order_view
 from .scoring import CRITERIA, check_random_inputs, eps_from_bits, float64_bits, random_key_halves, random_u, weight_score, widen
-from .tables import cached_plan, is_aligned, launch_table, sample_list
+from .tables import Launch, cached_plan, is_aligned, launch_table, repointed, sample_list
 
 # 16 warps x 8 entries per thread per tl.histogram call (4096 entries: the call zeroes and reads
 # back 4096 bins of shared memory, one word per entry), 4 calls per 16384-entry chunk. A chunk's
@@ -349,7 +349,7 @@ def inf_key_for(key_float) -> int:
 
 
 def _plan(grads, scope_of, scoring, device) -> tuple:
-    """([(grid, LaunchTable, SampleList, compile-time arguments, temporaries)], cacheable): one
+    """([(grid, tables.Launch, SampleList, compile-time arguments, temporaries)], cacheable): one
     launch per (dtype of g, dtype of theta, alignment); "random" reads neither, so one launch."""
     launches = defaultdict(lambda: ([], []))
     keep_alive = []
@@ -392,12 +392,22 @@ def _plan(grads, scope_of, scoring, device) -> tuple:
         log2s = [max(1, radix.sample_log2(scope_numel[row[1]])) for row in rows]
         samples = sample_list(numels, [row[2] for row in rows], log2s, radix.SAMPLE_BLOCK,
                               BLOCK // radix.SAMPLE_BLOCK, device)
-        lt = launch_table(rows, numels, CHUNK, device)
-        grid = (min(max(lt.num_chunks, samples.num_items), _programs(device)),)
+        launch = Launch(aligned, launch_table(rows, numels, CHUNK, device), None if criterion == "random" else 0,
+                        [row[2] for row in rows])
+        grid = (min(max(launch.table.num_chunks, samples.num_items), _programs(device)),)
         constants = dict(GRAD=TORCH_TO_TRITON[dtype], ALIGNED=aligned,
                          WEIGHT=None if weight is None else TORCH_TO_TRITON[weight])
-        plan.append((grid, lt, samples, constants, keep_alive))
+        plan.append((grid, launch, samples, constants, keep_alive))
     return plan, not keep_alive  # a copy is made afresh for every call
+
+
+def _repointed(plan, grads):
+    """The plan for gradients that moved (laid out as before), or None (see tables.repointed).
+    Only plans without weights are kept under a token: a row's one address is its gradient's."""
+    moved = [repointed(launch, grads) for _, launch, *_ in plan]
+    if None in moved:
+        return None
+    return [(grid, launch, *rest) for (grid, _, *rest), launch in zip(plan, moved)]
 
 
 def _check_scoring(scoring, key_format: KeyFormat, n: int) -> None:
@@ -433,13 +443,14 @@ def launch_histogram(grads, scope_of, state, hist, *, key_format: KeyFormat, sco
     weights = list(scoring.weights) if criterion == "grad_over_weight" else []
     plan = cached_plan(grads + weights if weights else grads, (hist.device, tuple(scope_of), criterion),
                        lambda: _plan(grads, scope_of, scoring, hist.device), vouched=len(grads) + len(weights),
-                       lasting=not weights, call=call)
+                       lasting=not weights, call=call, repoint=lambda plan: _repointed(plan, grads))
     random = criterion == "random"
     extra = dict(random_keys=scoring.random_keys if random else None,
                  entry_offsets=scoring.entry_offsets if random else None,
                  score_eps_bits=float64_bits(scoring.score_eps) if criterion == "grad_over_weight" else None)
     constants = _launch_constants(key_format, criterion)
-    for grid, lt, samples, plan_constants, keep_alive in plan:
+    for grid, launch, samples, plan_constants, keep_alive in plan:
+        lt = launch.table
         radix_histogram_kernel[grid](
             lt.table, lt.chunk_owner, state, hist, lt.num_chunks, state.shape[0], samples.items, samples.blocks,
             samples.num_items, **extra, **constants, **plan_constants)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ class LaunchTable(NamedTuple):
     table: torch.Tensor  # int64 [n, columns + 2]
     chunk_owner: torch.Tensor  # int32 [num_chunks]
     num_chunks: int
+    host: torch.Tensor  # the table on the host (itself for CPU tensors): never written
 
 
 def launch_table(rows: Sequence[tuple[int, ...]], numels: Sequence[int], chunk: int, device: torch.device) -> LaunchTable:
@@ -47,7 +48,8 @@ def launch_table(rows: Sequence[tuple[int, ...]], numels: Sequence[int], chunk: 
         table = torch.cat(
             [torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1),
              torch.tensor(numels, dtype=torch.int64)[:, None], first[:, None]], dim=1)
-        return LaunchTable(_to_device(table.contiguous(), device), owner, int(owner.numel()))
+        table = table.contiguous()
+        return LaunchTable(_to_device(table, device), owner, int(owner.numel()), table)
 
     return _tables.get((device, chunk, tuple(rows), tuple(numels)), build)
 
@@ -115,6 +117,29 @@ def is_aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+class Launch(NamedTuple):
+    """One launch of a plan, with what it takes to repoint it to gradients that moved."""
+    aligned: bool
+    table: LaunchTable
+    grad_column: Optional[int]  # the table column of the gradient's address (None: no column has it)
+    grads: list  # of int: the call's gradient index of each row
+
+
+def repointed(launch: Launch, grads: Sequence[torch.Tensor]) -> Optional[Launch]:
+    """The launch with the address of `grads[i]` in its gradient column (gradients that moved, laid
+    out as before: the rest of the plan holds), or None where an aligned launch would get an
+    unaligned gradient. One [n] column set on the host and one copy of the table to the device."""
+    if launch.grad_column is None:
+        return launch
+    ptrs = [grads[i].data_ptr() for i in launch.grads]
+    if launch.aligned and any(ptr % 16 for ptr in ptrs):
+        return None
+    lt = launch.table
+    host = lt.host.clone()
+    host[:, launch.grad_column] = torch.tensor(ptrs, dtype=torch.int64)
+    return launch._replace(table=lt._replace(table=_to_device(host, lt.table.device), host=host))
+
+
 # ---- launch plans -------------------------------------------------------------------------------
 # What a launcher derives from its tensors (dtypes, layouts, alignment, tables) costs a few
 # microseconds per tensor in Python, times the passes of a step. A plan is reused while the call
@@ -126,7 +151,8 @@ def is_aligned(*tensors: torch.Tensor) -> bool:
 # if the addresses are the same. Under storage_vouched, a call whose tensors the caller keeps
 # alive and vouches for (GMTAdamW's steady steps) keeps its plan in the token's own store instead,
 # where a comparison of ids is the whole check (no weak references, no data_ptrs, no LRU), or none
-# at all for a call the caller names (a VouchedList).
+# at all for a call the caller names (a VouchedList); when only its gradients moved, the named
+# call's plan is repointed (repointed: one column and one copy per table) instead of rebuilt.
 
 
 class _Plan:
@@ -146,22 +172,27 @@ _data_ptr = torch.Tensor.data_ptr
 
 
 def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], tuple], *, vouched: int = 0,
-                lasting: bool = False, call=None):
+                lasting: bool = False, call=None, repoint: Optional[Callable[[object], object]] = None):
     """build() -> (plan, cacheable); the plan of an earlier call with these very tensors (same
     objects, same data_ptrs) and the same `extra` if there is one. vouched: the first `vouched`
     tensors are ones backends.storage_vouched covers; lasting: all of them are, and are kept alive
     by the caller while its token is used (the token's store then holds the plan); call: the
-    VouchedList.call of the call's leading list, if it has one (then the plan is found by it)."""
+    VouchedList.call of the call's leading list, if it has one (then the plan is found by it);
+    repoint(plan) -> the plan for this call's gradients, or None: for a named call whose plan the
+    token has in `moved_plans` (its gradients moved, laid out as before; storage_vouched)."""
     token = vouched_token() if vouched else None
     if token is not None and lasting and vouched == len(tensors):
         if call is not None:
             key = ("call", extra, call)
             hit = token.plans.get(key)
             if hit is None:
-                value, cacheable = build()
-                if not cacheable:
-                    return value
-                hit = token.plans[key] = value
+                moved = token.moved_plans.get(key) if repoint is not None else None
+                hit = repoint(moved) if moved is not None else None
+                if hit is None:
+                    hit, cacheable = build()
+                    if not cacheable:
+                        return hit
+                token.plans[key] = hit
             return hit
         return _token_plan(token.plans, tensors, extra, build)
     key = (extra, tuple(map(id, tensors)))
