@@ -1,8 +1,9 @@
 // The Python module gmt_kernels._C: importing it runs the TORCH_LIBRARY registrations of ops.cpp,
 // after which the kernels are reachable as torch.ops.gmt_kernels.*. It also carries the CPU
-// capability switch (cpu_capability.h), wrapped by gmt_kernels/backends/cpu.py. On import it reads
-// GMT_KERNELS_CPU_CAPABILITY (as torch reads ATEN_CPU_CAPABILITY); a level this CPU or build
-// cannot run fails the import with a ValueError saying what is possible.
+// capability switch (cpu_capability.h), wrapped by gmt_kernels/backends/cpu.py, and the packing of
+// GMTAdamW's step-layout key (fingerprint.h). On import it reads GMT_KERNELS_CPU_CAPABILITY (as
+// torch reads ATEN_CPU_CAPABILITY); a level this CPU or build cannot run fails the import with a
+// ValueError saying what is possible.
 #include <Python.h>
 
 #include <cstdlib>
@@ -10,6 +11,7 @@
 #include <string>
 
 #include "cpu_capability.h"
+#include "fingerprint.h"
 
 namespace {
 
@@ -63,6 +65,9 @@ PyMethodDef methods[] = {
     {"set_cpu_capability", set_cpu_capability, METH_O, "Switch the CPU capability level (ValueError if not possible)."},
     {"kernel_capabilities", kernel_capabilities, METH_NOARGS,
      "For each kernel, the level of the variant it runs at the current setting."},
+    {"layout_fingerprint", gmt::layout_fingerprint, METH_VARARGS,
+     "layout_fingerprint(objects, addressed, strided) -> bytes: ids, data_ptrs and strides, packed (GMTAdamW's "
+     "step-layout key)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef gmt_kernels_c_module = {PyModuleDef_HEAD_INIT, "_C",

@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gmt_kernels import GMTAdamW  # noqa: E402
+from gmt_kernels import GMTAdamW, optimizer  # noqa: E402
 
 SIZES = (40, 57, 33)
 
@@ -110,8 +110,19 @@ CHANGES = [grad_set_to_none, new_grad_object, grad_storage_swapped, param_storag
 GRADIENTS_MOVED = (new_grad_object, grad_storage_swapped)  # the layout holds; plans are repointed
 
 
+@pytest.fixture(params=["packed", "python"])
+def fingerprint(request, monkeypatch):
+    """The key's fingerprint packed by the C++ extension, and the pure-Python one used without it."""
+    if request.param == "python":
+        monkeypatch.setattr(optimizer, "_packed_fingerprint", [False])
+    else:
+        pytest.importorskip("gmt_kernels._C", reason="the C++ extension is not built")
+        monkeypatch.setattr(optimizer, "_packed_fingerprint", [None])
+    return request.param
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_the_cached_layout_follows_every_change_between_steps(backend):
+def test_the_cached_layout_follows_every_change_between_steps(backend, fingerprint):
     params, opt = make(backend)
     expected_params, expected_opt = make("reference", cached=False)
     step = 0
@@ -151,7 +162,7 @@ def test_the_cached_layout_follows_every_change_between_steps(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_a_state_tensor_replaced_by_a_view_of_its_own_storage_is_seen(backend):
+def test_a_state_tensor_replaced_by_a_view_of_its_own_storage_is_seen(backend, fingerprint):
     """The same storage address in another layout (a transpose of exp_avg): only its identity
     tells, and a launch plan kept from before would read it as before. Likewise a new gradient
     object there: its strides tell (the layout holds, its plans do not)."""
@@ -208,3 +219,25 @@ def test_gradients_made_anew_every_step_keep_the_layout_and_its_plans_are_repoin
             torch.testing.assert_close(p.detach(), e.detach(), msg=lambda m: f"step {step}, parameter {i}: {m}")
         assert opt.mask_stats() == expected_opt.mask_stats()
     assert len(layouts) == 1
+
+
+def test_the_fingerprint_tells_identity_address_and_strides_apart(fingerprint):
+    """optimizer._fingerprint against what it must see: the same objects, addresses and strides give
+    equal values; another object, a moved storage, another layout of the same storage, or a tensor
+    where None was, give different ones; a tensor without storage is a RuntimeError."""
+    fp = optimizer._fingerprint
+    a, b = torch.zeros(4, 4), torch.zeros(4, 4)
+    assert fp([a, b], [a, b], [a, b]) == fp([a, b], [a, b], [a, b])
+    assert fp([a, b]) != fp([b, a])
+    assert fp([a, None]) != fp([a, b])
+    same_storage = torch.empty(0).set_(a.untyped_storage(), 0, (4, 4), (4, 1))
+    assert fp([], [a]) == fp([], [same_storage]) and fp([a]) != fp([same_storage])  # address, not identity
+    assert fp([], [a]) != fp([], [b])
+    assert fp([], [], [a]) == fp([], [], [b]) != fp([], [], [a.t()])  # strides, not address
+    assert fp([], [], [torch.zeros(())]) != fp([], [], [None])
+    moved = a.clone()
+    before = fp([], [a, a])
+    a.data = moved
+    assert fp([], [a, a]) != before
+    with pytest.raises(RuntimeError):
+        fp([], [torch.zeros(3).to_sparse()])
