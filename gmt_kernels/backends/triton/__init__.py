@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from dataclasses import replace
 from typing import Optional
 
@@ -106,21 +107,22 @@ def _as_list(items) -> list:
 
 # The VouchedList.call of an operator call's leading list, which the dispatcher's list conversion
 # drops: set around the call, taken back by the kernel (a mode that counts launches then sees the
-# launch plans an eager step uses).
-_dispatched_call: list = [None]
+# launch plans an eager step uses). Per thread: another thread's call must never name this one's.
+_dispatched = threading.local()
 
 
 @contextlib.contextmanager
 def _naming(items):
-    _dispatched_call[0] = items.call if isinstance(items, VouchedList) else None
+    _dispatched.call = items.call if isinstance(items, VouchedList) else None
     try:
         yield
     finally:
-        _dispatched_call[0] = None
+        _dispatched.call = None
 
 
 def _named(items: list) -> list:
-    call, _dispatched_call[0] = _dispatched_call[0], None
+    call = getattr(_dispatched, "call", None)
+    _dispatched.call = None
     return items if call is None else VouchedList(items, call)
 
 
