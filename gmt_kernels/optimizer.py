@@ -22,7 +22,7 @@ from .device_constants import DeviceConstants
 from . import masks as stored_masks
 from .options import CRITERIA, GRAD, AdamWOptions, MaskSource, Scoring
 from .scores import random_keys_like
-from .threshold import Scope, select_thresholds, work_lists
+from .threshold import Scope, Selection, select_thresholds, work_lists
 
 SCOPES = ("global", "group", "tensor")
 MASK_MODES = ("grad", "freeze")
@@ -546,10 +546,17 @@ class GMTAdamW(torch.optim.Optimizer):
             scopes, records, sharded_rows, works = layout.scopes, layout.records, defaultdict(list), layout.works
         backend_for = lambda g: self._resolve(g.device, g.dtype)  # noqa: E731
         scoring = self._step_random = self._step_scoring(batches)
+        # A step that reuses the stored masks finishes the score scopes before their first pass. On
+        # a CPU primary device the host reads whether it does without a sync, and then runs no pass
+        # at all (a GPU runs them as launches that read nothing: the host does not wait for it).
+        reuse = (due is not None and _reads_schedule_on_host(self._primary) and self._sharding is None
+                 and not torch.compiler.is_compiling() and not bool(due))
         selections = {}
         for key, key_scopes in scopes.items():
             fmt, kind = key
-            # A step that reuses the stored masks finishes the score scopes before their first pass.
+            if reuse and kind == "score":
+                selections[key] = _unselected(len(key_scopes), fmt, self._primary)
+                continue
             done = ~due if kind == "score" and due is not None else None
             options = {"scoring": scoring if kind == "score" else GRAD, "done": done,
                        "warm": self._warm_centres(key, len(key_scopes), records, grad_scale)}
@@ -1274,6 +1281,21 @@ def _row_views(rows: tuple):
     if rows == tuple(range(first, first + n)):
         return lambda t: t[first:first + n]
     return None
+
+
+def _reads_schedule_on_host(device: torch.device) -> bool:
+    """Whether step() may read the refresh schedule's 0-d `due` flag on the host: on CPU, where
+    that is a memory read, not a wait for the device."""
+    return device.type == "cpu"
+
+
+def _unselected(scopes: int, key_format: radix.KeyFormat, device: torch.device) -> Selection:
+    """What select_thresholds gives for scopes finished before their first pass, less the passes:
+    no non-finite entry counted, zeroed kept counts, and thresholds that nothing reads (a reuse
+    step keeps the stored bits and reports the thresholds they were selected with)."""
+    zeros = torch.zeros(2, scopes, dtype=torch.int64, device=device)
+    return Selection(torch.zeros(scopes, dtype=key_format.threshold_dtype, device=device), zeros[0], key_format,
+                     zeros[1])
 
 
 def _kept_counters(selections: dict, primary: torch.device) -> dict:

@@ -337,6 +337,24 @@ def test_step_never_reads_device_values_on_the_host(backend, options):
     assert_step_reads_nothing(backend, steps=3, **options)  # reuse steps and a selection
 
 
+def test_a_cpu_step_that_reuses_the_mask_runs_no_selection(backend, monkeypatch):
+    """On a CPU device, step() reads whether it selects (no device to wait for) and a reuse step
+    runs no selection at all; the oracle tests above check that its result is unchanged."""
+    from gmt_kernels import optimizer
+
+    selections = []
+    real = optimizer.select_thresholds
+    monkeypatch.setattr(optimizer, "select_thresholds", lambda *a, **k: selections.append(1) or real(*a, **k))
+    params = make_params([(50,), (6, 4)])
+    opt = GMTAdamW(params, mask_ratio=0.5, backend=backend, refresh_every=3, nonfinite="propagate")
+    for step in range(7):
+        set_grads(params, random_grads(params))
+        before = len(selections)
+        opt.step()
+        assert opt.mask_stats()["global"]["refreshed"] == (step % 3 == 0)
+        assert len(selections) - before == (step % 3 == 0), step
+
+
 def test_a_backend_without_the_criterion_is_refused_or_replaced_by_auto(monkeypatch):
     """A named backend whose kernels lack the criterion or stored masks refuses at construction;
     "auto" takes the reference backend instead and says so (Backend.criteria / stored_masks)."""
