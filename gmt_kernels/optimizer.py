@@ -499,8 +499,8 @@ class GMTAdamW(torch.optim.Optimizer):
         """(key, (grads, the state tensors whose ids and data_ptrs the key holds, grad storage)).
         The gradients are not in the key, only which parameters have one: zero_grad() (set_to_none)
         makes new gradient objects every step, and the layout derived from the parameters holds for
-        them. Their storage (data_ptrs, strides) is what launch plans depend on: _Layout.fill drops
-        the plans when it moved."""
+        them. Their storage (data_ptrs, strides) is what launch plans depend on: _Layout.fill has
+        the plans repointed when only the addresses changed, and rebuilt when a stride did."""
         key = [id(state), len(state), self.scope, self.criterion, self.refresh_every, self.nonfinite,
                self.mask_mode, self.threshold, self.backend]
         grads, all_params, more_state = [], [], []

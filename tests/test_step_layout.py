@@ -241,3 +241,40 @@ def test_the_fingerprint_tells_identity_address_and_strides_apart(fingerprint):
     assert fp([], [a, a]) != before
     with pytest.raises(RuntimeError):
         fp([], [torch.zeros(3).to_sparse()])
+
+
+def test_a_vouch_ends_when_the_caller_empties_its_store():
+    """storage_vouched: when the gradients' storage changes, the caller empties token.plans, and a
+    plan cached before (here one with weights, kept in the shared cache, not the token's store)
+    must check the gradients' addresses again instead of trusting the old vouch."""
+    from types import SimpleNamespace
+
+    from gmt_kernels import radix
+    from gmt_kernels.backends import resolve, storage_vouched
+    from gmt_kernels.options import Scoring
+
+    backend = resolve("triton", torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(300, generator=gen), torch.randn(77, generator=gen)]
+    weights = [torch.randn(300, generator=gen), torch.randn(77, generator=gen)]  # kept alive: the plan stays
+    scoring = Scoring("grad_over_weight", score_eps=1e-3, weights=weights)
+    fmt = radix.KEY_FORMATS_BY_NAME["f32"]
+    token = SimpleNamespace(plans={}, moved_plans={})
+
+    def histogram():
+        state = radix.initial_state([100], [377], [0], fmt)
+        hist = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
+        with storage_vouched(token):
+            backend.radix_histogram(grads, [0, 0], state, hist, key_format=fmt, scoring=scoring)
+        return hist
+
+    histogram()
+    old = grads[1].data
+    grads[1].data = old * 1e6  # moved, and the new values fall in other bins
+    old.fill_(0.0)
+    token.plans = {}
+    reference = resolve("reference", torch.device("cpu"), torch.float32)
+    expected = torch.zeros(1, radix.HIST_COLUMNS, dtype=torch.int64)
+    reference.radix_histogram(grads, [0, 0], radix.initial_state([100], [377], [0], fmt), expected, key_format=fmt,
+                              scoring=scoring)
+    assert torch.equal(histogram(), expected)

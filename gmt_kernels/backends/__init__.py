@@ -296,7 +296,8 @@ def storage_vouched(token: object) -> Iterator[None]:
     masked_adamw's params) is a VouchedList passes, in every list, the same tensors as every other
     call under the token whose leading list has the same `call`: its plan may be found by that.
     Gradients are the exception: they may be new objects at each use of the token, and where
-    their storage differs from the last use, the caller empties `token.plans` first. If only their
+    their storage differs from the last use, the caller empties `token.plans` first (a new dict),
+    which ends every vouch made before it, plans kept elsewhere included. If only their
     addresses changed (same strides, so the same layout), it moves the old plans to
     `token.moved_plans`, from which a backend may take a named call's plan and repoint it to the
     new addresses."""

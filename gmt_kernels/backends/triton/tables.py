@@ -156,7 +156,7 @@ def repointed(launch: Launch, grads: Sequence[torch.Tensor]) -> Optional[Launch]
 
 
 class _Plan:
-    __slots__ = ("ptrs", "value", "alive", "refs", "token")
+    __slots__ = ("ptrs", "value", "alive", "refs", "token")  # token: the vouch (token.plans) it was checked under
 
     def __init__(self, tensors, ptrs, value, token):
         self.ptrs, self.value, self.alive, self.token = ptrs, value, True, token
@@ -195,17 +195,20 @@ def cached_plan(tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[
                 token.plans[key] = hit
             return hit
         return _token_plan(token.plans, tensors, extra, build)
+    # A vouch lasts while the token keeps its store: the caller empties it (a new dict) when the
+    # gradients' storage changed, which ends what it vouched for before.
+    vouch = None if token is None else token.plans
     key = (extra, tuple(map(id, tensors)))
     hit = _plans.get(key)
     if hit is not None and hit.alive:
-        start = vouched if token is not None and hit.token is token else 0
+        start = vouched if vouch is not None and hit.token is vouch else 0
         if hit.ptrs[start:] == tuple(map(_data_ptr, tensors[start:])):
-            hit.token = token
+            hit.token = vouch
             _plans.move_to_end(key)
             return hit.value
     value, cacheable = build()
     if cacheable:
-        _plans[key] = _Plan(tensors, tuple(map(_data_ptr, tensors)), value, token)
+        _plans[key] = _Plan(tensors, tuple(map(_data_ptr, tensors)), value, vouch)
         _plans.move_to_end(key)
         if len(_plans) > _PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
