@@ -180,6 +180,33 @@ class LocalCounts {
   std::vector<uint32_t> counts_;
 };
 
+// Digits written W at a time by vector code, or buffered by an interval pass (drain), counted
+// here one by one into the two copies alternately.
+inline void count_digits(const uint32_t* digits, int count, LocalCounts& local) {
+  uint32_t *h0 = local.copy(0), *h1 = local.copy(1);
+  if (digits[0] == digits[count - 1]) {  // often a run (zeros): count it in a register
+    int same = 1;
+    while (same < count && digits[same] == digits[0]) ++same;
+    if (same == count) {
+      h0[digits[0]] += uint32_t(count);
+      return;
+    }
+  }
+  for (int j = 0; j + 1 < count; j += 2) {
+    ++h0[digits[j]];
+    ++h1[digits[j + 1]];
+  }
+  if (count & 1) ++h0[digits[count - 1]];
+}
+
+// Counts buffered digits (count_digits: the two copies alternately, or a buffer that is one run in
+// a register). No branch per digit: the digits of an interval pass are in no order, and a
+// run-length loop would mispredict about every other one.
+inline void drain(LocalCounts& local, const uint32_t* buffer, int& filled) {
+  if (filled > 0) count_digits(buffer, filled, local);
+  filled = 0;
+}
+
 // The first pass of a scope: every key has a bin, key >> shift.
 template <class KeyAt>
 __attribute__((always_inline)) inline void count_whole(int64_t n, const KeyAt& key_at, const Interval& iv,
@@ -215,8 +242,7 @@ __attribute__((always_inline)) inline void count_interval(int64_t n, const KeyAt
   using Key = decltype(key_at(int64_t(0)));
   constexpr int64_t kBlock = 64, kBuffer = 1024;
   uint32_t buffer[kBuffer + kBlock];
-  int64_t fill = 0;
-  uint32_t* counts = local.copy(0);
+  int fill = 0;
   // key - lo <= span as unsigned numbers: below LO wraps around to a value above any span.
   const Key lo = Key(iv.lo), span = Key(iv.last - iv.lo), last = Key(iv.last), inf = Key(iv.inf_key);
   const int shift = iv.shift;
@@ -238,12 +264,9 @@ __attribute__((always_inline)) inline void count_interval(int64_t n, const KeyAt
       buffer[fill] = uint32_t(d >> shift);
       fill += d <= span;
     }
-    if (fill >= kBuffer) {
-      for (int64_t b = 0; b < fill; ++b) ++counts[buffer[b]];
-      fill = 0;
-    }
+    if (fill >= kBuffer) drain(local, buffer, fill);
   }
-  for (int64_t b = 0; b < fill; ++b) ++counts[buffer[b]];
+  drain(local, buffer, fill);
   local.above += above;
   local.nonfinite += nonfinite;
 }
@@ -324,33 +347,6 @@ inline void count_tail(const KeySrc& src, int64_t i, int64_t n, const Interval& 
   } else {
     count_interval(n - i, key_at, iv, local);
   }
-}
-
-// Digits of whole-range keys, written W at a time by vector code, counted here one by one into
-// the two copies alternately.
-inline void count_digits(const uint32_t* digits, int count, LocalCounts& local) {
-  uint32_t *h0 = local.copy(0), *h1 = local.copy(1);
-  if (digits[0] == digits[count - 1]) {  // often a run (zeros): count it in a register
-    int same = 1;
-    while (same < count && digits[same] == digits[0]) ++same;
-    if (same == count) {
-      h0[digits[0]] += uint32_t(count);
-      return;
-    }
-  }
-  for (int j = 0; j + 1 < count; j += 2) {
-    ++h0[digits[j]];
-    ++h1[digits[j + 1]];
-  }
-  if (count & 1) ++h0[digits[count - 1]];
-}
-
-// Counts buffered digits (count_digits: the two copies alternately, or a buffer that is one run in
-// a register). No branch per digit: the digits of an interval pass are in no order, and a
-// run-length loop would mispredict about every other one.
-inline void drain(LocalCounts& local, const uint32_t* buffer, int& filled) {
-  if (filled > 0) count_digits(buffer, filled, local);
-  filled = 0;
 }
 
 #ifdef GMT_SIMD_X86
