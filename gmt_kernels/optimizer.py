@@ -353,7 +353,8 @@ class GMTAdamW(torch.optim.Optimizer):
         if self.scope == "global":
             _check_global_mask_ratio(self.param_groups)
         due = self._due()
-        selections, records, sharded_rows = self._select(batches, due, layout, grad_scale)
+        reuse = self._reuses_known_on_host(due)
+        selections, records, sharded_rows = self._select(batches, due, layout, grad_scale, reuse)
 
         skip = None
         if self.nonfinite != "propagate" and selections:
@@ -399,7 +400,7 @@ class GMTAdamW(torch.optim.Optimizer):
             self._sharding.reduce_rows(kept_by_key, sharded_rows)
         if skip is not None:
             self.skipped_steps += skip.to(self.skipped_steps.device)
-        refreshed = self._advance_schedule(due, skip, increment_on[self._primary])
+        refreshed = self._advance_schedule(due, skip, increment_on[self._primary], reuse)
         self._record_stats(records, selections, kept_by_key, grad_scale, refreshed)
 
     @torch.no_grad()
@@ -462,14 +463,26 @@ class GMTAdamW(torch.optim.Optimizer):
             return first
         return first | (self._gmt["since_selection"] >= self.refresh_every)
 
-    def _advance_schedule(self, due: Optional[Tensor], skip: Optional[Tensor], not_skip: Optional[Tensor]):
+    def _reuses_known_on_host(self, due: Optional[Tensor]) -> bool:
+        """Whether the host knows that this step reuses the stored masks. A reuse step finishes the
+        score scopes before their first pass; on a CPU primary device the host reads `due` without
+        a sync, and the step then runs no selection and keeps the schedule with fewer ops (a GPU
+        runs the passes as launches that read nothing: the host does not wait for the device)."""
+        return (due is not None and _reads_schedule_on_host(self._primary) and self._sharding is None
+                and not torch.compiler.is_compiling() and not bool(due))
+
+    def _advance_schedule(self, due: Optional[Tensor], skip: Optional[Tensor], not_skip: Optional[Tensor],
+                          reuse: bool = False):
         """After the update: selections += due & ~skip; since_selection = 1 after a selection, + 1
-        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip): True, or a 0-d
-        tensor (bool, or with refresh_every=1 the float32 1 - skip the steps were incremented by,
-        which mask_stats reads as a bool). not_skip: that 1 - skip (None if skip is None). With
-        refresh_every=1 only the random criterion's selection number is counted (nothing else reads
-        the schedule there)."""
+        after a reuse, unchanged when skipped. Returns "refreshed" (due & ~skip): True, False (a
+        reuse the host knew of: `reuse`), or a 0-d tensor (bool, or with refresh_every=1 the float32
+        1 - skip the steps were incremented by, which mask_stats reads as a bool). not_skip: that
+        1 - skip (None if skip is None). With refresh_every=1 only the random criterion's selection
+        number is counted (nothing else reads the schedule there)."""
         since = self._gmt["since_selection"]
+        if reuse:  # due is false: only since_selection moves, by 1 - skip
+            since.add_(1 if skip is None else ~skip)
+            return False
         if due is None:  # refresh_every=1: every step that is not skipped selects
             refreshed = True if skip is None else not_skip
             if self.criterion == "random":  # the only reader of the count (its selection number)
@@ -534,9 +547,10 @@ class GMTAdamW(torch.optim.Optimizer):
         return functools.reduce(torch.add, counts)
 
     def _select(self, batches: list[_Batch], due: Optional[Tensor], layout: Optional["_Layout"] = None,
-                grad_scale: Optional[Tensor] = None):
+                grad_scale: Optional[Tensor] = None, reuse: bool = False):
         """Every scope's threshold for this step: {selection key: Selection}, the scope records and
-        the rows to all-reduce. Score scopes start finished where due is false (nothing is read).
+        the rows to all-reduce. Score scopes start finished where due is false (nothing is read),
+        or, where the host knows the step reuses the stored masks (`reuse`), run no pass at all.
         Each selection starts warm (around the last thresholds, see _warm_centres) when it can."""
         if layout is None:
             scopes, records, sharded_rows = self._scopes(batches, separate_check=due is not None)
@@ -546,11 +560,6 @@ class GMTAdamW(torch.optim.Optimizer):
             scopes, records, sharded_rows, works = layout.scopes, layout.records, defaultdict(list), layout.works
         backend_for = lambda g: self._resolve(g.device, g.dtype)  # noqa: E731
         scoring = self._step_random = self._step_scoring(batches)
-        # A step that reuses the stored masks finishes the score scopes before their first pass. On
-        # a CPU primary device the host reads whether it does without a sync, and then runs no pass
-        # at all (a GPU runs them as launches that read nothing: the host does not wait for it).
-        reuse = (due is not None and _reads_schedule_on_host(self._primary) and self._sharding is None
-                 and not torch.compiler.is_compiling() and not bool(due))
         selections = {}
         for key, key_scopes in scopes.items():
             fmt, kind = key
@@ -925,7 +934,8 @@ class GMTAdamW(torch.optim.Optimizer):
             if self.refresh_every != 1:  # a step that reuses the stored mask reports the threshold it was selected with
                 previous = self._last_thresholds(key, len(threshold), records)
                 if previous is not None:
-                    threshold = torch.where(refreshed.to(threshold.device), threshold, previous)
+                    threshold = previous if refreshed is False else torch.where(refreshed.to(threshold.device),
+                                                                                threshold, previous)
             thresholds[key] = threshold
         stats = {}
         for rec in records:
