@@ -210,12 +210,20 @@ UpdateCoeffs<C> coefficients(C threshold, double lr, double decay, double step, 
   return c;
 }
 
+// t.item<T>() of a one-element CPU tensor, read in place: item() is a dispatcher call, and a step
+// makes one per parameter (its step count) on caches that the update has just flushed.
+template <class T>
+T cpu_value(const at::Tensor& t) {
+  return AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, t.scalar_type(), "cpu_value",
+                                    [&] { return static_cast<T>(static_cast<double>(*t.const_data_ptr<scalar_t>())); });
+}
+
 // p * (1 - lr * weight_decay) as the reference computes it: a float lr in double (Python), a
 // tensor lr in the tensor's own dtype.
 template <class C>
 C decay_factor(double lr, const c10::optional<at::Tensor>& lr_tensor, double weight_decay) {
   if (lr_tensor.has_value() && lr_tensor->scalar_type() == at::kFloat) {
-    const float lrf = lr_tensor->item<float>();
+    const float lrf = cpu_value<float>(*lr_tensor);
     return static_cast<C>(1.0f - lrf * static_cast<float>(weight_decay));
   }
   return static_cast<C>(1.0 - lr * weight_decay);
@@ -367,10 +375,10 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   TORCH_CHECK(mask.masks.empty() || mask.masks.size() == n, "gmt_kernels::masked_adamw: masks holds ",
               mask.masks.size(), " tensors for ", n, " parameters; pass one stored mask per parameter, or none.");
   const bool has_masks = !mask.masks.empty();
-  const bool reuse = mask.refresh.has_value() && !mask.refresh->item<bool>();
+  const bool reuse = mask.refresh.has_value() && !cpu_value<bool>(*mask.refresh);
   TORCH_CHECK(!mask.refresh.has_value() || has_masks, "gmt_kernels::masked_adamw: refresh was given without stored ",
               "masks to read or write; pass the masks (one per parameter), or refresh=None when none are stored.");
-  if (options.skip.has_value() && options.skip->item<bool>()) return;  // a skipped step changes nothing at all
+  if (options.skip.has_value() && cpu_value<bool>(*options.skip)) return;  // a skipped step changes nothing at all
 
   const bool needs_rows = criterion == Criterion::kRandom || has_masks;
   for (size_t i = 0; i < n; ++i) {
@@ -395,11 +403,14 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   std::vector<MaskRows> rows(n);
   for (size_t i = 0; i < n && has_masks; ++i) rows[i] = mask_rows(params[i], mask.masks[i], i);
 
-  const double lr_value = options.lr_tensor.has_value() ? options.lr_tensor->item<double>() : options.lr;
-  const double scale = options.grad_scale.has_value() ? options.grad_scale->item<double>() : 1.0;
+  const double lr_value = options.lr_tensor.has_value() ? cpu_value<double>(*options.lr_tensor) : options.lr;
+  const double scale = options.grad_scale.has_value() ? cpu_value<double>(*options.grad_scale) : 1.0;
   const UpdateFlags flags{amsgrad, options.freeze, options.grad_scale.has_value(), update};
-  const at::Tensor thresholds64 = thresholds.to(at::kDouble);
-  const double* threshold_of = thresholds64.data_ptr<double>();
+  auto threshold_of = [&](size_t i) {  // read in place, in any stride
+    const int64_t at = int64_t(i) * thresholds.stride(0);
+    return thresholds.scalar_type() == at::kDouble ? thresholds.const_data_ptr<double>()[at]
+                                                   : double(thresholds.const_data_ptr<float>()[at]);
+  };
   const bool wide_scores = thresholds.scalar_type() == at::kDouble;  // the f64 (or u32) key format
   const float decay_f = decay_factor<float>(lr_value, options.lr_tensor, options.weight_decay);
   const double decay_d = decay_factor<double>(lr_value, options.lr_tensor, options.weight_decay);
@@ -425,8 +436,8 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       copied[i][k] = original[k].defined() && !shared_layout && !original[k].is_contiguous();
       operands[i][k] = copied[i][k] ? original[k].contiguous() : original[k];
     }
-    const double step = update ? steps[i].item<double>() : 1.0;
-    const double t = threshold_of[i];
+    const double step = update ? cpu_value<double>(steps[i]) : 1.0;
+    const double t = threshold_of(i);
     coeffs_f[i] = coefficients<float>(float_threshold_at_least(t), lr_value, decay_f, step, options.beta1,
                                       options.beta2, options.eps, scale, options.maximize);
     coeffs_d[i] = coefficients<double>(t, lr_value, decay_d, step, options.beta1, options.beta2, options.eps, scale,

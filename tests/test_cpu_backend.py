@@ -356,6 +356,42 @@ def test_float64_threshold_between_floats_keeps_what_a_float64_compare_keeps(dty
         assert int((m != 0).sum()) == expected  # freeze: exactly the kept entries moved
 
 
+@pytest.mark.parametrize("threshold_dtype", [torch.float32, torch.float64])
+def test_update_reads_thresholds_in_any_stride_and_scalars_of_any_dtype(threshold_dtype):
+    """The C++ op reads its thresholds where they lie (a strided view; no copy) and its one-element
+    step counts, grad_scale and skip in their own dtypes: the same update as contiguous thresholds
+    and float32 scalars."""
+    from gmt_kernels.options import AdamWOptions, MaskSource
+
+    gen = torch.Generator().manual_seed(8)
+    sizes = [100, 7, 1000]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+
+    def run(thresholds, steps, grad_scale, skip):
+        params = [torch.ones(n) for n in sizes]
+        m, v = [torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes]
+        kept = torch.zeros(len(sizes), dtype=torch.int64)
+        options = AdamWOptions(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, grad_scale=grad_scale,
+                               skip=skip)
+        cpu._OPS.masked_adamw(params, grads, m, v, [], steps, thresholds, kept, [], **options.schema_args(),
+                              **MaskSource(thresholds).schema_args())
+        return params + m + v, kept
+
+    values = [0.3, 0.8, 1.2]
+    interleaved = torch.tensor([x for t in values for x in (t, 99.0)], dtype=threshold_dtype)
+    contiguous = torch.tensor(values, dtype=threshold_dtype)
+    expected, expected_kept = run(contiguous, [torch.tensor(float(s)) for s in (1, 3, 7)], torch.tensor(2.0),
+                                  torch.tensor(False))
+    got, kept = run(interleaved[::2], [torch.tensor(1, dtype=torch.int64), torch.tensor([3.0], dtype=torch.float64),
+                                       torch.tensor(7.0, dtype=torch.bfloat16)],
+                    torch.tensor([2.0], dtype=torch.float64), torch.tensor(0))
+    assert torch.equal(kept, expected_kept)
+    assert kept.tolist() == [int((g.abs() >= t).sum()) for g, t in zip(grads, values)]  # scores of the scaled g
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    _, skipped_kept = run(contiguous, [torch.tensor(1.0)] * 3, None, torch.tensor(2, dtype=torch.int64))
+    assert skipped_kept.sum() == 0  # any nonzero skip skips
+
+
 def test_skip_changes_nothing_and_counts_nothing():
     gen = torch.Generator().manual_seed(5)
     params, grads, m, v, vmax, steps, thresholds = update_inputs(torch.float32, amsgrad=True, nan=False, gen=gen,
