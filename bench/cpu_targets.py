@@ -100,6 +100,19 @@ def at_level(level, fn):
     return run
 
 
+def share_moments(fused, opts, params):
+    """Steps fused AdamW and each GMTAdamW once (a first step selects), then points every GMTAdamW at
+    fused AdamW's moment tensors, so that all of them update the same memory and the ratios compare
+    code, not memory placement: two fused AdamW instances, each with its own 270 MB of state,
+    differ by up to 5-15 % here with where the allocator put it. Each keeps its own step counts and
+    stored masks."""
+    fused.step()
+    for opt in opts:
+        opt.step()
+        for p in params:
+            opt.state[p].update(exp_avg=fused.state[p]["exp_avg"], exp_avg_sq=fused.state[p]["exp_avg_sq"])
+
+
 def measure(grads, dtype, levels, args):
     """One interleaved measurement of every contender on one gradient set."""
     params = []
@@ -123,6 +136,7 @@ def measure(grads, dtype, levels, args):
         "approx": GMTAdamW(params, lr=1e-3, mask_ratio=args.mask_ratio, threshold="approx", backend="cpu"),
         "exact": GMTAdamW(params, lr=1e-3, mask_ratio=args.mask_ratio, threshold="exact", backend="cpu"),
     }
+    share_moments(fused, opts.values(), params)
     for level in levels:
         for mode, opt in opts.items():
             contenders[(level, mode)] = at_level(level, opt.step)
@@ -218,7 +232,7 @@ def criteria(grads, mask_ratio, steps, levels):
         p.grad = g
     fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
     fused.step()
-    moments = [(fused.state[p]["exp_avg"], fused.state[p]["exp_avg_sq"]) for p in params]  # shared: see optimizer_rows
+    moments = [(fused.state[p]["exp_avg"], fused.state[p]["exp_avg_sq"]) for p in params]  # see share_moments
     steps_t = [torch.tensor(1.0) for _ in params]
     kept = torch.zeros(n, dtype=torch.int64)
     masks = [torch.zeros(p.shape[0], -(-p[0].numel() // 8), dtype=torch.uint8) for p in params]
@@ -303,7 +317,7 @@ def optimizer_rows(params, mask_ratio, steps, levels):
     as fused AdamW checks nothing; the default "skip" adds one read of g for the NaN / inf count):
     refresh_every=None (every measured step reuses the mask; ten steps a call), refresh_every=10 (ten
     steps a call, one of them selecting), and a selection at every step (refresh_every=1) per criterion.
-    All update the same parameters and moments, so the ratios compare code, not memory placement."""
+    All update the same parameters and moments (share_moments)."""
     fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
     contenders = {"fused": fused.step, "fused x10": lambda: [fused.step() for _ in range(10)]}
     common = dict(lr=1e-3, mask_ratio=mask_ratio, nonfinite="propagate", backend="cpu")
@@ -313,14 +327,7 @@ def optimizer_rows(params, mask_ratio, steps, levels):
             "refresh_every=10 (x10 steps)": GMTAdamW(params, refresh_every=10, **common)}
     for criterion in ("grad", "grad_over_weight", "random"):
         opts[f"{criterion}, refresh_every=1"] = GMTAdamW(params, criterion=criterion, **common)
-    # Every optimizer updates the same moment tensors (fused AdamW's): two fused AdamW instances, each
-    # with its own 270 MB of state, differ by up to 5 % here with where the allocator put it, as much
-    # as the reuse step's margin. Each keeps its own step counts and stored masks.
-    fused.step()
-    for opt in opts.values():
-        opt.step()  # the first step selects
-        for p in params:
-            opt.state[p].update(exp_avg=fused.state[p]["exp_avg"], exp_avg_sq=fused.state[p]["exp_avg_sq"])
+    share_moments(fused, opts.values(), params)
     for level in levels:
         for name, opt in opts.items():
             many = name.endswith("(x10 steps)")
