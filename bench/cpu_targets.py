@@ -10,6 +10,8 @@ on the same dtype, torch.kthvalue over the concatenated |g|, and at each capabil
 in-process with gmt_kernels.backends.cpu.set_cpu_capability): the bare masked update
 (GMTAdamW mask_ratio 0), GMTAdamW approx and exact steps (scope global, --mask-ratio; default nonfinite="skip"), and
 magnitude_threshold(exact=True). Prints markdown tables of ratios of medians with the targets.
+Every GMTAdamW updates fused AdamW's own moment tensors (share_moments), so a ratio compares code,
+not where the allocator put each optimizer's state.
 
 Gradient sets: "randn" is --tensors tensors of 2^--log2-numel standard normal entries; "realistic"
 has the same number of entries over --realistic-tensors tensors of log-uniform sizes, about half
