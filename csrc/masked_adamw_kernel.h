@@ -132,15 +132,20 @@ GMT_INLINE int64_t update_lanes(const Piece& piece, int64_t& i, int64_t end, con
     }
   };
 
+  // The keep bits of entries [at, at + count), count <= 64 (FROM_WORD): a stored mask's are read
+  // inline, the criteria's scored out of line.
+  auto word_at = [&](int64_t at, int count) __attribute__((always_inline)) {
+    return rule.kind == KeepKind::kStored ? stored_word(piece.read_bits + at / 8, count)
+                                          : keep_word<V, P>(rule, g + at, p + at, nullptr, piece.entry + uint64_t(at), count);
+  };
+
   int64_t kept = 0;
   if constexpr (FROM_WORD) {
     // Whole words of 64 entries: one fetch, then 64 / W lanes that shift a register. Fetching at
     // `i % 64 == 0` inside the lane loop instead cost a reuse step about 6 % (a branch, a word
     // behind a reference and the shift amount per lane).
     for (; (i & 63) == 0 && i + 64 <= end; i += 64) {
-      const uint64_t word = rule.kind == KeepKind::kStored
-                                ? stored_word(piece.read_bits + i / 8, 64)
-                                : keep_word<V, P>(rule, g + i, p + i, nullptr, piece.entry + uint64_t(i), 64);
+      const uint64_t word = word_at(i, 64);
       kept += __builtin_popcountll(word);
       if (write != nullptr) std::memcpy(write + i / 8, &word, 8);
 #pragma GCC unroll 16
@@ -155,12 +160,7 @@ GMT_INLINE int64_t update_lanes(const Piece& piece, int64_t& i, int64_t end, con
     const int bit = int(i & 63);
     M keep;
     if constexpr (FROM_WORD) {
-      if (bit == 0) {
-        const int count = int(std::min<int64_t>(64, piece.n - i));
-        word = rule.kind == KeepKind::kStored
-                        ? stored_word(piece.read_bits + i / 8, count)
-                        : keep_word<V, P>(rule, g + i, p + i, nullptr, piece.entry + uint64_t(i), count);
-      }
+      if (bit == 0) word = word_at(i, int(std::min<int64_t>(64, piece.n - i)));
       keep = V::template from_bits<P>(uint32_t(word >> bit));
     } else {
       keep = V::or_(V::ge(V::abs(raw), threshold), V::isnan(raw));  // NaN counts as the largest score
