@@ -13,6 +13,7 @@ case. A missing extension fails this module at import, with the reason.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import subprocess
@@ -256,7 +257,13 @@ def update_inputs(dtype, *, amsgrad, nan, gen, threshold_dtype):
     exp_avg_sqs = [scores(n, dtype, "normal", gen).abs() * 1e-4 for n in SIZES]
     max_sqs = [v * 1.5 for v in exp_avg_sqs] if amsgrad else []
     steps = [torch.tensor(float(s)) for s in (1, 2, 3, 7, 10, 1000)]
-    thresholds = torch.tensor([0.05, 0.0, float("inf"), 0.1, 0.07, 0.12], dtype=threshold_dtype)
+    # Thresholds the gradient dtype holds exactly, so that gradients can tie with them: every fifth
+    # entry (past the NaN of index 0) is +-its threshold, kept by the rule's >= (a > would mask it).
+    thresholds = torch.tensor([0.05, 0.0, float("inf"), 0.1, 0.07, 0.12]).to(dtype).to(threshold_dtype)
+    for g, t in zip(grads, thresholds.tolist()):
+        if math.isfinite(t):
+            g[1::5] = t
+            g[6::10] = -t
     return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, thresholds
 
 
