@@ -6,7 +6,7 @@
 #
 # Needs root and apt-get (qemu-user-static, the cross compiler, arm64 Python packages) and PyPI
 # (torch 2.9.1, the last aarch64 CPU-only wheel there; later aarch64 wheels are CUDA builds).
-# Downloads about 250 MB into .arm/ once; later runs reuse it. Extra arguments go to pytest.
+# Downloads about 150 MB once (825 MB unpacked in .arm/); later runs reuse them. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
