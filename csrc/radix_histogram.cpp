@@ -459,9 +459,11 @@ void count_interval_streams(const KeySrc& data, int64_t n, const Interval& iv, L
   int fill[kStreams] = {};
   uint32_t* counts = local.copy(0);
   // Interleaved streams (quarters of the range): more reads in flight, and independent fill
-  // counters instead of one dependency chain.
+  // counters instead of one dependency chain. Unrolled so that the fill counts live in registers:
+  // rolled, GCC kept them in memory (a load and a store per 8 keys; a pass took 10-20 % longer).
   const int64_t part = (n / kStreams) & ~int64_t(7);
   for (int64_t i = 0; i < part; i += 8) {
+#pragma GCC unroll 4
     for (int s = 0; s < kStreams; ++s) {
       count8<KIND, ZEROS, SPARSE>(data, s * part + i, c, above, nonfinite, zeros, buffers[s], fill[s], local);
     }
