@@ -406,12 +406,11 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const double lr_value = options.lr_tensor.has_value() ? cpu_value<double>(*options.lr_tensor) : options.lr;
   const double scale = options.grad_scale.has_value() ? cpu_value<double>(*options.grad_scale) : 1.0;
   const UpdateFlags flags{amsgrad, options.freeze, options.grad_scale.has_value(), update};
+  const bool wide_scores = thresholds.scalar_type() == at::kDouble;  // the f64 (or u32) key format
   auto threshold_of = [&](size_t i) {  // read in place, in any stride
     const int64_t at = int64_t(i) * thresholds.stride(0);
-    return thresholds.scalar_type() == at::kDouble ? thresholds.const_data_ptr<double>()[at]
-                                                   : double(thresholds.const_data_ptr<float>()[at]);
+    return wide_scores ? thresholds.const_data_ptr<double>()[at] : double(thresholds.const_data_ptr<float>()[at]);
   };
-  const bool wide_scores = thresholds.scalar_type() == at::kDouble;  // the f64 (or u32) key format
   const float decay_f = decay_factor<float>(lr_value, options.lr_tensor, options.weight_decay);
   const double decay_d = decay_factor<double>(lr_value, options.lr_tensor, options.weight_decay);
 
